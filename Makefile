@@ -1,0 +1,30 @@
+# Two commands for a newcomer:  `make demo` (set up + run the main job)  and  `make test` (set up + run the tests).
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+EXTRAS  ?= dev,eval
+
+.PHONY: setup test test-fast demo bench clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned, so nothing else drags in a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints-cpu.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/attn-mod demo --out runs/demo
+
+bench: $(VENV)/.installed
+	$(PY) bench/capture_memory.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,111 @@
+"""The attention operator in plain PyTorch: the spec in code (CPU path and oracle for every backend).
+
+For an enabled (row i, head h) and a visible key j of category c = cat[j]  (see `spec.py` for shapes):
+
+    s_ij  = scale * q_i . k_j
+    s'_ij = mul[c] * s_ij + absw[c] * |s_ij| + add[c]             # pre-softmax transform
+    P_ij  = softmax_j(s'_ij)
+    P'_ij = w[c] * P_ij                          (renorm=False)  # raw post-softmax scaling
+          = w[c] * P_ij / sum_k w[c_k] P_ik      (renorm=True)   # == softmax_j(s'_ij + log w[c])
+    o_i   = sum_j P'_ij v_j
+    mass_c(i) = sum_{j in c} P'_ij
+
+Disabled rows/heads use the identity transform. Visible = category != PAD and, when causal, key
+position j <= K - Q + i (bottom-right alignment). Rows with nothing visible give zeros.
+
+Differentiable by autograd (outputs, LSE and masses). Query rows are processed in chunks so inference
+memory is O(chunk * K), never O(Q * K).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import NUM_CATEGORIES, AttentionOutput, CategoryTransform, check_inputs, default_scale
+
+_CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk (x ~5 temporaries of the compute dtype)
+
+
+def category_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cat: torch.Tensor,
+    transform: CategoryTransform | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    row_enable: torch.Tensor | None = None,
+    head_enable: torch.Tensor | None = None,
+    return_mass: bool = False,
+    chunk_size: int | None = None,
+) -> AttentionOutput:
+    """Category-transformed attention. Shapes and LSE convention: `attn_mod.kernels.spec`."""
+    check_inputs(q, k, v, cat, row_enable, head_enable)
+    B, Hq, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = default_scale(D) if scale is None else float(scale)
+    transform = CategoryTransform.identity() if transform is None else transform
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+
+    if Q == 0:
+        mass = q.new_zeros(B, Hq, 0, NUM_CATEGORIES, dtype=cdtype) if return_mass else None
+        return AttentionOutput(q.new_zeros(B, Hq, 0, D), q.new_zeros(B, Hq, 0, dtype=cdtype), mass)
+    tr = transform.to(dev)
+    cat = cat.to(device=dev, dtype=torch.long)
+    if cat.numel() and (cat.min() < 0 or cat.max() >= NUM_CATEGORIES):
+        raise ValueError(f"key categories must lie in 0..{NUM_CATEGORIES - 1}, got {cat.min().item()}..{cat.max().item()}")
+
+    # Per-key tables, shaped to broadcast against scores (B, Hkv, G, q, K).
+    def per_key(table):
+        return table.to(cdtype)[cat][:, None, None, None, :]
+
+    mul_k, absw_k, add_k, w_k = (per_key(t) for t in (tr.mul, tr.absw, tr.add, tr.w))
+    logw_k = torch.log(w_k)  # -inf where w == 0: such keys drop out of the renormalised softmax
+    key_visible = (cat != 0)[:, None, None, None, :]
+    key_pos = torch.arange(K, device=dev)
+
+    enable = torch.ones(B, Hq, Q, dtype=torch.bool, device=dev)
+    if row_enable is not None:
+        enable = enable & row_enable.to(dev, torch.bool)[:, None, :]
+    if head_enable is not None:
+        enable = enable & head_enable.to(dev, torch.bool)[None, :, None]
+    enable = enable.view(B, Hkv, G, Q, 1)
+
+    qg = q.reshape(B, Hkv, G, Q, D)
+    kc, vc = k.to(cdtype), v.to(cdtype)
+    onehot = torch.nn.functional.one_hot(cat, NUM_CATEGORIES).to(cdtype) if return_mass else None
+
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * K))
+    outs, lses, masses = [], [], []
+    for r0 in range(0, Q, chunk_size):
+        r1 = min(Q, r0 + chunk_size)
+        en = enable[:, :, :, r0:r1]
+        s = scale * torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, r0:r1].to(cdtype), kc)
+        t = torch.where(en, mul_k * s + absw_k * s.abs() + add_k, s)
+        visible = key_visible
+        if causal:
+            row_pos = torch.arange(r0, r1, device=dev) + (K - Q)
+            visible = visible & (key_pos[None, :] <= row_pos[:, None])
+        logw_eff = torch.where(en & transform.renorm, logw_k, torch.zeros((), dtype=cdtype, device=dev))
+        w_post = torch.where(en & (not transform.renorm), w_k, torch.ones((), dtype=cdtype, device=dev))
+        ex = (t + logw_eff).masked_fill(~visible, float("-inf"))
+        # Safe log-sum-exp: finite gradients even for rows with nothing visible.
+        m = ex.amax(dim=-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        sumexp = torch.exp(ex - m).sum(dim=-1, keepdim=True)
+        nonempty = sumexp > 0
+        lse_safe = m + torch.log(torch.where(nonempty, sumexp, torch.ones_like(sumexp)))
+        p = w_post * torch.exp(ex - lse_safe)  # P'_ij
+        outs.append(torch.einsum("bhgqk,bhkd->bhgqd", p, vc))
+        lses.append(torch.where(nonempty, lse_safe, torch.full_like(lse_safe, float("-inf"))).squeeze(-1))
+        if return_mass:
+            masses.append(torch.einsum("bhgqk,bkc->bhgqc", p, onehot))
+
+    out = torch.cat(outs, dim=3).reshape(B, Hq, Q, D).to(q.dtype)
+    lse = torch.cat(lses, dim=3).reshape(B, Hq, Q)
+    mass = torch.cat(masses, dim=3).reshape(B, Hq, Q, NUM_CATEGORIES) if return_mass else None
+    return AttentionOutput(out, lse, mass)

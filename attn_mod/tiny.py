@@ -1,0 +1,210 @@
+"""Tiny, offline, randomly initialised VLMs for tests, demos and benchmarks.
+
+Nothing here downloads: the tokenizer is a byte-level BPE trained on a few sentences with the
+Qwen special tokens, the image processor is transformers' PIL Qwen2-VL processor, and the models
+are built from small configs (hidden 64, 2 layers, 4 heads, 2 KV heads, vision depth 1).
+
+    model, processor = build_tiny("qwen2_5_vl")
+    save_tiny("qwen2_5_vl", "/tmp/tiny")        # a local HF directory, loadable by path
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2.5-VL's released template (default system turn when none is given).
+QWEN2_5_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3-VL's template has no default system turn.
+QWEN3_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "You are a helpful assistant.",
+    "system user assistant",
+    "Describe the image. What color is the square? Answer with a single letter.",
+    "The answer is A. The answer is B. The answer is C. The answer is D. Yes. No.",
+    "How many objects are there in the picture? There are 3 red circles and 2 blue squares.",
+    "Question: Which option is correct? Options: A. red B. green C. blue D. yellow",
+    "Please think step by step and put the final answer in \\boxed{}. 0 1 2 3 4 5 6 7 8 9",
+    "the a of to in is on at left right top bottom chart plot value number count",
+]
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400):
+    """A byte-level BPE `PreTrainedTokenizerFast` with the Qwen special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    template = QWEN3_VL_TEMPLATE if family == "qwen3_vl" else QWEN2_5_VL_TEMPLATE
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        chat_template=template,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+
+
+def _processor_classes(family: str):
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor as Base
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLProcessor as Base
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+
+    class _NoVideoProcessor(Base):
+        """The family's processor without a video processor (needs torchvision, absent on CPU)."""
+
+        def check_argument_for_proper_class(self, argument_name, argument):  # noqa: D102
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return _NoVideoProcessor
+
+
+def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=None):
+    """The family's real processor around the offline tokenizer and the PIL image processor."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
+    if image_processor is None:
+        patch = 16 if family == "qwen3_vl" else 14
+        # Small pixel budget so tests stay fast: at most 16x16 merged tokens.
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=patch,
+            min_pixels=4 * (2 * patch) ** 2,
+            max_pixels=256 * (2 * patch) ** 2,
+        )
+    cls = _processor_classes(family)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+               chat_template=tokenizer.chat_template)
+
+
+def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                kv_heads: int = 2, vision_depth: int = 1):
+    """A small config of `family` whose special-token ids match `tokenizer`."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 4), half // 4, half // 4]
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=4096 * 4, rms_norm_eps=1e-6,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    common = dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+                      out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        text["head_dim"] = head_dim
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": mrope, "mrope_interleaved": True}
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+                      out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+
+
+def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation: str = "sdpa",
+               dtype: torch.dtype = torch.float32, **config_kwargs):
+    """(model, processor): a randomly initialised tiny VLM of `family` in eval mode and its processor."""
+    processor = build_processor(family)
+    cfg = tiny_config(family, processor.tokenizer, **config_kwargs)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+    else:
+        from transformers import Qwen3VLForConditionalGeneration as Model
+    torch.manual_seed(seed)
+    model = Model._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    # Random init gives near-uniform attention; larger q/k weights make the attention peaked, so
+    # tests of reweighting see real differences.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
+                p.mul_(8.0)
+    model.generation_config.pad_token_id = cfg.text_config.pad_token_id
+    model.generation_config.eos_token_id = cfg.text_config.eos_token_id
+    return model.eval(), processor
+
+
+def save_tiny(family: str, path: str | Path, **kwargs) -> Path:
+    """Write a tiny model, its tokenizer and image processor to `path` (loadable with from_pretrained)."""
+    path = Path(path)
+    model, processor = build_tiny(family, **kwargs)
+    model.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    (path / "attn_mod_tiny.json").write_text(json.dumps({"family": family}))
+    return path
+
+
+def load_tiny_processor(path: str | Path, family: str):
+    """Load the processor of a directory written by `save_tiny` (the processor itself cannot be saved)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ip = Qwen2VLImageProcessorPil.from_pretrained(path)
+    return build_processor(family, tokenizer=tok, image_processor=ip)

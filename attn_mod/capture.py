@@ -1,0 +1,122 @@
+"""Recording per-layer attention masses from a patched model, in O(N) memory.
+
+    with attn_mod.capture(model, layers="all") as rec:
+        model(**inputs)                 # or model.generate(**inputs)
+    rec.mass(layer)                     # (B, Hq, Q, C) float32; for generate: steps concatenated along Q
+    rec.categories                      # (B, K) categories of the KV slots used
+
+mass[b, h, i, c] is the attention mass that query row i of head h puts on key slots of category c
+(after any active intervention). Rows are KV slots: for a plain forward, row i is token i; for
+generate, the prompt rows come first, then one row per generated step. Each fresh prefill inside
+one capture starts a new *run* (`rec.mass(layer, run=k)`); the default is the last run.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from .intervention import _resolve_indices
+from .patch import PatchState, patch, patch_state
+
+
+class Recording:
+    """Masses recorded by `capture`: per run, per layer, a list of (B, Hq, q, C) chunks (one per forward)."""
+
+    def __init__(self, layers: tuple[int, ...], num_layers: int, detach: bool):
+        self.layers = layers
+        self.num_layers = num_layers
+        self.detach = detach
+        self._layer_set = frozenset(layers)
+        self._runs: list[dict[int, list[torch.Tensor]]] = []
+        self._cats: list[torch.Tensor] = []
+        self._state: PatchState | None = None
+
+    # called by the patch state --------------------------------------------------------------
+    def _begin(self, state: PatchState, new_run: bool) -> None:
+        self._state = state
+        if new_run or not self._runs:
+            self._runs.append({})
+            self._cats.append(state.labels)
+        else:
+            self._cats[-1] = state.labels
+
+    def _wants(self, layer: int) -> bool:
+        return layer in self._layer_set
+
+    def _record(self, layer: int, mass: torch.Tensor) -> None:
+        self._runs[-1].setdefault(layer, []).append(mass.detach() if self.detach else mass)
+
+    # public -----------------------------------------------------------------------------------
+    @property
+    def num_runs(self) -> int:
+        return len(self._runs)
+
+    def _run(self, run: int) -> dict[int, list[torch.Tensor]]:
+        if not self._runs:
+            raise RuntimeError("nothing was recorded: run the patched model inside the capture block")
+        try:
+            return self._runs[run]
+        except IndexError:
+            raise IndexError(f"run {run} does not exist; {len(self._runs)} run(s) recorded") from None
+
+    def mass(self, layer: int, run: int = -1) -> torch.Tensor:
+        """(B, Hq, Q, C) float32 masses of `layer` (negative indices count from the last layer)."""
+        if not -self.num_layers <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is out of range for a model with {self.num_layers} layers")
+        layer %= self.num_layers
+        if layer not in self._layer_set:
+            raise KeyError(f"layer {layer} was not captured; captured layers: {list(self.layers)}")
+        chunks = self._run(run).get(layer)
+        if not chunks:
+            raise RuntimeError(f"layer {layer} recorded nothing in run {run}")
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+
+    def masses(self, run: int = -1) -> torch.Tensor:
+        """(L, B, Hq, Q, C) masses of all captured layers, in the order of `self.layers`."""
+        return torch.stack([self.mass(layer, run) for layer in self.layers])
+
+    def categories_of(self, run: int = -1) -> torch.Tensor:
+        self._run(run)
+        return self._cats[run]
+
+    @property
+    def categories(self) -> torch.Tensor:
+        """(B, K) key-slot categories of the last run (generated slots included)."""
+        return self.categories_of(-1)
+
+    def query_categories(self, run: int = -1) -> torch.Tensor:
+        """(B, Q) categories of the recorded query rows (the last Q slots of the run)."""
+        cats = self.categories_of(run)
+        first = next(iter(self._run(run).values()))
+        q = sum(c.shape[2] for c in first)
+        return cats[:, cats.shape[1] - q:]
+
+
+@contextmanager
+def capture(model, layers="all", *, processor=None, detach: bool = True) -> Iterator[Recording]:
+    """Record attention masses of `layers` during the forwards run inside the block.
+
+    The model should be patched (`attn_mod.patch`); an unpatched model is patched with the identity
+    intervention for the duration of the block, which needs `processor`. `detach=False` keeps the
+    autograd graph so losses on masses can be back-propagated (training).
+    """
+    state = patch_state(model)
+    temporary = None
+    if state is None:
+        if processor is None:
+            raise ValueError("capture() needs a patched model (attn_mod.patch(model, processor)) or processor=... "
+                             "to patch it with the identity intervention for the duration of the block")
+        temporary = patch(model, processor)
+        state = temporary.state
+    rec = Recording(_resolve_indices(layers, state.num_layers, "layer", "decoder layers"), state.num_layers, detach)
+    state.recorders.append(rec)
+    try:
+        yield rec
+    finally:
+        if rec in state.recorders:
+            state.recorders.remove(rec)
+        if temporary is not None:
+            temporary.remove()

@@ -1,0 +1,320 @@
+"""One-call patching of a Hugging Face VLM with category-aware attention.
+
+    handle = attn_mod.patch(model, processor, intervention=Intervention.avar(alpha=0.2, beta=0.5))
+    model.generate(**inputs)            # intervention active; KV cache and left padding handled
+    handle.update(alpha=0.1, beta=0.3)  # live retune, no reload
+    handle.remove()                     # the model is exactly as before
+
+Mechanics (DESIGN.md, "Patching a model"): one attention function and a 2-D padding mask function are
+registered with transformers' AttentionInterface / AttentionMaskInterface under the name "attn_mod" and
+set on the text model only. Token categories live in library-owned state keyed by the model: a forward
+pre-hook labels prefill tokens and appends RESPONSE slots for decode steps; the attention function looks
+its module up, checks the labels against the key length and calls the operator (`kernels.function`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from .categories import PAD, RESPONSE, LabelOptions, prompt_end_index, validate_categories
+from .intervention import Intervention
+from .kernels.function import category_attention, resolve_backend
+from .models import FamilyAdapter, get_adapter
+
+ATTN_NAME = "attn_mod"  # no "flash", "sdpa", "flex" or "/" (each triggers special dispatch in transformers)
+
+_STATES: weakref.WeakKeyDictionary[nn.Module, PatchState] = weakref.WeakKeyDictionary()
+_BINDINGS: weakref.WeakKeyDictionary[nn.Module, tuple[PatchState, int]] = weakref.WeakKeyDictionary()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (i.e. gradient-checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class PatchState:
+    """Everything the attention function needs for one patched model."""
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, labeler, options: LabelOptions,
+                 intervention: Intervention, backend: str):
+        self.adapter = adapter
+        self.labeler = labeler
+        self.options = options
+        self.attention_modules = adapter.attention_modules(model)
+        self.num_layers = len(self.attention_modules)
+        self.num_heads = adapter.num_query_heads(model)
+        self.backend = backend
+        self.labels: torch.Tensor | None = None  # (B, K) int8: one category per KV slot
+        self.prompt_end: torch.Tensor | None = None  # (B,)
+        self.explicit: torch.Tensor | None = None
+        self.target_mask: torch.Tensor | None = None
+        self.forward_id = 0
+        self.recorders: list = []
+        self.mass_layers_last: set[int] = set()
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.set_intervention(intervention)
+
+    # ------------------------------------------------------------------------------ intervention
+    def set_intervention(self, intervention: Intervention) -> None:
+        if not isinstance(intervention, Intervention):
+            raise TypeError(f"intervention must be an attn_mod.Intervention, got {type(intervention).__name__}")
+        layers = frozenset(intervention.layer_indices(self.num_layers))
+        heads = intervention.head_mask(self.num_heads)
+        self.intervention = intervention
+        self.transform = intervention.transform()
+        self.active_layers = frozenset() if self.transform.is_identity() else layers
+        self.head_enable = None if bool(heads.all()) else heads
+        self._transform_on: dict[torch.device, Any] = {}
+
+    # ----------------------------------------------------------------------------------- labels
+    def begin_forward(self, input_ids, inputs_embeds, attention_mask, mm_token_type_ids, labels, past: int) -> None:
+        """Label the slots this forward adds to the KV sequence (called by the model's pre-hook)."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("attn-mod needs input_ids or inputs_embeds to label tokens")
+        B, S = ref.shape[:2]
+        if past == 0:
+            if self.explicit is not None:
+                cats = validate_categories(self.explicit, (B, S))
+            elif self.labeler is None:
+                raise ValueError("this model was patched with categories='explicit': call "
+                                 "handle.set_categories(cats) with a (B, S) tensor of codes before the forward")
+            elif input_ids is None:
+                raise ValueError("inputs_embeds without input_ids cannot be labelled from token ids: call "
+                                 "handle.set_categories(cats) with a (B, S) tensor of codes before the forward")
+            else:
+                cats = self.labeler(input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                                    labels=labels, target_mask=self.target_mask, options=self.options)
+            self.labels = cats.to(torch.int8)
+            self.prompt_end = prompt_end_index(self.labels)
+            new_run = True
+        else:
+            if self.labels is None or self.labels.shape != (B, past):
+                have = None if self.labels is None else tuple(self.labels.shape)
+                raise RuntimeError(f"attn-mod labels cover {have} slots but the cache holds (B={B}, {past}); "
+                                   "a cached continuation must follow a forward of this patched model")
+            new = torch.full((B, S), RESPONSE, dtype=torch.int8, device=self.labels.device)
+            if attention_mask is not None:
+                new[attention_mask[:, -S:].to(new.device) == 0] = PAD
+            self.labels = torch.cat([self.labels, new], dim=1)
+            new_run = False
+        self.forward_id += 1
+        self._on_device = {}
+        for rec in self.recorders:
+            rec._begin(self, new_run)
+
+    def _labels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self.labels.to(device), self.prompt_end.to(device))
+        return self._on_device[device]
+
+    # -------------------------------------------------------------------------------- attention
+    def attend(self, layer: int, q, k, v, attention_mask, scaling, causal: bool) -> torch.Tensor:
+        """Category attention of one layer: (B, Hq, Q, D) -> (B, Hq, Q, D); records masses if asked."""
+        B, _, Q, _ = q.shape
+        K = k.shape[2]
+        if self.labels is None:
+            raise RuntimeError("attn-mod has no token categories: the patched model's own forward must run "
+                               "first (calling a submodule directly skips the labelling pre-hook)")
+        cats, prompt_end = self._labels_on(k.device)
+        if cats.shape != (B, K):
+            raise RuntimeError(f"attn-mod holds categories for {tuple(cats.shape)} (B, K) slots but layer {layer} "
+                               f"sees B={B}, K={K}; labels must cover every KV slot (static caches and packed "
+                               "sequences are not supported)")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attn-mod expects a 2-D padding mask, got shape {tuple(attention_mask.shape)}; "
+                                 "custom 4-D masks are not supported")
+            cats = torch.where(attention_mask[:, -K:].to(cats.device).bool(), cats, torch.zeros_like(cats))
+        transform = row_enable = head_enable = None
+        if layer in self.active_layers:
+            if k.device not in self._transform_on:
+                self._transform_on[k.device] = (self.transform.to(k.device),
+                                                None if self.head_enable is None else self.head_enable.to(k.device))
+            transform, head_enable = self._transform_on[k.device]
+            row_pos = torch.arange(K - Q, K, device=k.device)
+            row_enable = self.intervention.row_enable(cats[:, K - Q:], row_pos, prompt_end)
+        recomputing = _in_backward()
+        if recomputing:  # gradient checkpointing: same ops as the original forward, nothing recorded
+            want_mass = layer in self.mass_layers_last
+        else:
+            want_mass = any(rec._wants(layer) for rec in self.recorders)
+            if layer == 0:
+                self.mass_layers_last = set()
+            if want_mass:
+                self.mass_layers_last.add(layer)
+        res = category_attention(q, k, v, cats, transform, scale=scaling, causal=causal, row_enable=row_enable,
+                                 head_enable=head_enable, return_mass=want_mass, backend=self.backend)
+        if want_mass and not recomputing:
+            for rec in self.recorders:
+                if rec._wants(layer):
+                    rec._record(layer, res.mass)
+        return res.out
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q (B,Hq,Q,D), k/v (B,Hkv,K,D) -> ((B,Q,Hq,D) contiguous, None)."""
+    binding = _BINDINGS.get(module)
+    if binding is None:
+        raise RuntimeError(f"{type(module).__name__} uses attn_implementation={ATTN_NAME!r} but is not part of a "
+                           "model patched by attn_mod.patch(); call attn_mod.patch(model, processor)")
+    if dropout and module.training:
+        raise NotImplementedError("attention dropout is not supported by attn-mod; set config.attention_dropout=0")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("sliding-window attention layers are not supported by attn-mod yet")
+    state, layer = binding
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    out = state.attend(layer, query, key, value, attention_mask, scaling, bool(causal))
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        AttentionInterface.register(ATTN_NAME, attention_forward)
+        # The FlashAttention mask builder yields None or a 2-D (B, K) padding mask: no N x N mask exists.
+        AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)
+        _registered = True
+
+
+class PatchHandle:
+    """Returned by `patch`: retune (`update`), label (`set_target`, `set_categories`) and undo (`remove`)."""
+
+    def __init__(self, model: nn.Module, state: PatchState, original_impl: str, hook):
+        self._model = weakref.ref(model)
+        self.state = state
+        self._original_impl = original_impl
+        self._hook = hook
+        self.removed = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
+
+    @property
+    def intervention(self) -> Intervention:
+        return self.state.intervention
+
+    @property
+    def categories(self) -> torch.Tensor | None:
+        """(B, K) categories of the KV slots of the last forward (generated slots included)."""
+        return self.state.labels
+
+    @property
+    def backend(self) -> str:
+        return self.state.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        resolve_backend(name, torch.device("cpu"))  # validates the name
+        self.state.backend = name
+
+    def update(self, intervention: Intervention | None = None, **params) -> PatchHandle:
+        """Retune live: `update(alpha=0.1, beta=0.3)` (preset parameters) or `update(intervention=...)`."""
+        self._check_alive()
+        if intervention is not None and params:
+            raise ValueError("pass either a new intervention or parameters to update, not both")
+        new = intervention if intervention is not None else self.state.intervention.updated(**params)
+        self.state.set_intervention(new)
+        return self
+
+    def set_target(self, mask: torch.Tensor | None = None, **kwargs) -> PatchHandle:
+        """Label visual tokens where `mask` (B, S) bool is True as TARGET in the following prefills.
+
+        `set_target(None)` clears it. The mask must have the input_ids' shape and mark only visual tokens.
+        """
+        self._check_alive()
+        if kwargs:
+            raise NotImplementedError("pixel boxes (set_target(boxes=..., images=...)) come with attn_mod.regions")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("target mask must be a (B, S) bool tensor aligned with input_ids")
+        self.state.target_mask = None if mask is None else mask.bool()
+        return self
+
+    def set_categories(self, cats: torch.Tensor | None) -> PatchHandle:
+        """Explicit (B, S) category codes for the following prefills (None returns to automatic labels)."""
+        self._check_alive()
+        self.state.explicit = None if cats is None else validate_categories(cats)
+        return self
+
+    def remove(self) -> None:
+        """Undo everything: attention implementation, hook, library state."""
+        if self.removed:
+            return
+        model = self.model
+        if model is not None:
+            self.state.adapter.set_attn_implementation(model, self._original_impl)
+            _STATES.pop(model, None)
+        self._hook.remove()
+        for module in self.state.attention_modules:
+            _BINDINGS.pop(module, None)
+        self.state.recorders.clear()
+        self.removed = True
+
+    def _check_alive(self) -> None:
+        if self.removed:
+            raise RuntimeError("this patch handle was removed; call attn_mod.patch(model, ...) again")
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _pre_hook(state: PatchState):
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        state.begin_forward(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"),
+                            kwargs.get("mm_token_type_ids"), kwargs.get("labels"), past)
+        return None
+
+    return hook
+
+
+def patch(model: nn.Module, processor=None, *, intervention: Intervention | None = None, backend: str = "auto",
+          categories: str = "auto", sink_category: int | None = None) -> PatchHandle:
+    """Patch `model` (a loaded HF VLM) in place with category-aware attention; returns a `PatchHandle`.
+
+    processor: the model's processor or tokenizer (chat-template role markers); not needed with
+        categories="explicit", where `handle.set_categories(cats)` supplies (B, S) codes per prefill.
+    intervention: an `Intervention` (default identity: attention unchanged, masses available to `capture`).
+    backend: "auto" | "torch" | "triton" | "flex" (see `attn_mod.kernels.function`).
+    sink_category: code for the first non-pad token (the attention sink) instead of its natural label.
+    """
+    if categories not in ("auto", "explicit"):
+        raise ValueError(f"categories must be 'auto' or 'explicit', got {categories!r}")
+    if model in _STATES:
+        raise RuntimeError("this model is already patched by attn-mod; use handle.update(...) to retune "
+                           "or handle.remove() before patching again")
+    resolve_backend(backend, torch.device("cpu"))
+    adapter = get_adapter(model, explicit=categories == "explicit")
+    labeler = adapter.labeler(model, processor) if categories == "auto" else None
+    state = PatchState(model, adapter, labeler, LabelOptions(sink_category=sink_category),
+                       intervention or Intervention.identity(), backend)
+    _register()
+    original = adapter.attn_implementation(model)
+    adapter.set_attn_implementation(model, ATTN_NAME)
+    for layer, module in enumerate(state.attention_modules):
+        _BINDINGS[module] = (state, layer)
+    hook = model.register_forward_pre_hook(_pre_hook(state), with_kwargs=True)
+    _STATES[model] = state
+    return PatchHandle(model, state, original, hook)
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    """The live state of a patched model (None if not patched)."""
+    return _STATES.get(model)

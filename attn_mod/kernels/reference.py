@@ -58,12 +58,15 @@ def category_attention_reference(
     if cat.numel() and (cat.min() < 0 or cat.max() >= NUM_CATEGORIES):
         raise ValueError(f"key categories must lie in 0..{NUM_CATEGORIES - 1}, got {cat.min().item()}..{cat.max().item()}")
 
-    # Per-key tables, shaped to broadcast against scores (B, Hkv, G, q, K).
+    # Per-key tables, shaped to broadcast against scores (B, Hkv, G, q, K); trivial tables are skipped.
     def per_key(table):
         return table.to(cdtype)[cat][:, None, None, None, :]
 
-    mul_k, absw_k, add_k, w_k = (per_key(t) for t in (tr.mul, tr.absw, tr.add, tr.w))
-    logw_k = torch.log(w_k)  # -inf where w == 0: such keys drop out of the renormalised softmax
+    mul_k = per_key(tr.mul) if bool((tr.mul != 1).any()) else None
+    absw_k = per_key(tr.absw) if bool((tr.absw != 0).any()) else None
+    add_k = per_key(tr.add) if bool((tr.add != 0).any()) else None
+    w_k = per_key(tr.w) if bool((tr.w != 1).any()) else None
+    logw_k = torch.log(w_k) if w_k is not None and transform.renorm else None  # -inf where w == 0
     key_visible = (cat != 0)[:, None, None, None, :]
     key_pos = torch.arange(K, device=dev)
 
@@ -78,30 +81,45 @@ def category_attention_reference(
     kc, vc = k.to(cdtype), v.to(cdtype)
     onehot = torch.nn.functional.one_hot(cat, NUM_CATEGORIES).to(cdtype) if return_mass else None
 
+    def on_enabled(new, old, en, en_all):
+        return new if en_all else torch.where(en, new, old)
+
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * K))
     outs, lses, masses = [], [], []
     for r0 in range(0, Q, chunk_size):
         r1 = min(Q, r0 + chunk_size)
         en = enable[:, :, :, r0:r1]
+        en_all = bool(en.all())
         s = scale * torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, r0:r1].to(cdtype), kc)
-        t = torch.where(en, mul_k * s + absw_k * s.abs() + add_k, s)
+        t = s
+        if mul_k is not None or absw_k is not None or add_k is not None:  # s' = mul*s + absw*|s| + add
+            t = s * mul_k if mul_k is not None else s
+            if absw_k is not None:
+                t = t + absw_k * s.abs()
+            if add_k is not None:
+                t = t + add_k
+            t = on_enabled(t, s, en, en_all)
+        if logw_k is not None:  # renorm: softmax(s' + log w)
+            t = t + on_enabled(logw_k, torch.zeros((), dtype=cdtype, device=dev), en, en_all)
         visible = key_visible
         if causal:
             row_pos = torch.arange(r0, r1, device=dev) + (K - Q)
             visible = visible & (key_pos[None, :] <= row_pos[:, None])
-        logw_eff = torch.where(en & transform.renorm, logw_k, torch.zeros((), dtype=cdtype, device=dev))
-        w_post = torch.where(en & (not transform.renorm), w_k, torch.ones((), dtype=cdtype, device=dev))
-        ex = (t + logw_eff).masked_fill(~visible, float("-inf"))
-        # Safe log-sum-exp: finite gradients even for rows with nothing visible.
+        ex = t.masked_fill(~visible, float("-inf"))
+        # Safe softmax / log-sum-exp: finite values and gradients even for rows with nothing visible.
         m = ex.amax(dim=-1, keepdim=True).detach()
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        sumexp = torch.exp(ex - m).sum(dim=-1, keepdim=True)
+        e = torch.exp(ex - m)
+        sumexp = e.sum(dim=-1, keepdim=True)
         nonempty = sumexp > 0
-        lse_safe = m + torch.log(torch.where(nonempty, sumexp, torch.ones_like(sumexp)))
-        p = w_post * torch.exp(ex - lse_safe)  # P'_ij
+        sumexp = torch.where(nonempty, sumexp, torch.ones_like(sumexp))
+        p = e / sumexp
+        if w_k is not None and not transform.renorm:  # raw: P' = w * softmax(s')
+            p = p * on_enabled(w_k, torch.ones((), dtype=cdtype, device=dev), en, en_all)
         outs.append(torch.einsum("bhgqk,bhkd->bhgqd", p, vc))
-        lses.append(torch.where(nonempty, lse_safe, torch.full_like(lse_safe, float("-inf"))).squeeze(-1))
+        lse = torch.where(nonempty, m + torch.log(sumexp), torch.full_like(m, float("-inf")))
+        lses.append(lse.squeeze(-1))
         if return_mass:
             masses.append(torch.einsum("bhgqk,bkc->bhgqc", p, onehot))
 

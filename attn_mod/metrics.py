@@ -1,0 +1,213 @@
+"""Attention metrics from captured masses (DESIGN.md, "Metrics"). The formulas live here and only here.
+
+Inputs are the per-layer masses of `attn_mod.capture` (L, B, Hq, Q, C) and the categories of the
+recorded query rows (B, Q) / key slots (B, K). "Image" mass is IMAGE + TARGET.
+
+- VAS (AVAR):  mean over layers, heads and query rows i of  mass_img(i) / (mass_sys(i) + eps)  (ratio form,
+  eps = 1e-6) or  mass_img / (mass_img + mass_sys + eps)  (share form). Rows: RESPONSE (default) or all
+  rows after the last image token.
+- Target attention (SAYO):  a(i) = mean_h mass_TARGET(i) / n_TARGET(i),  v(i) = mean_h mass_img(i) / n_img(i),
+  n_X(i) = number of keys of set X visible to row i;  R_a(i) = 0.5 * (1 + tanh(log((a + eps) / (v + eps)))),
+  eps = 1e-8, last layer by default.
+- Token entropy: H_t = -sum_v p log p with p = softmax(logits / temperature).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TEXT, TokenCategory
+from .kernels.spec import NUM_CATEGORIES
+
+VAS_EPS = 1e-6
+SAYO_EPS = 1e-8
+ROW_SETS = ("response", "after_image", "all")
+
+
+def image_mass(mass: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (...): IMAGE + TARGET mass."""
+    return mass[..., IMAGE] + mass[..., TARGET]
+
+
+def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
+    """(B, Q) bool of the query rows a metric averages over.
+
+    rows: "response" (RESPONSE rows), "after_image" (non-pad rows after the last visual token), "all"
+    (non-pad rows), or an explicit (B, Q) bool tensor.
+    """
+    if isinstance(rows, torch.Tensor):
+        if rows.shape != query_cats.shape:
+            raise ValueError(f"row mask has shape {tuple(rows.shape)}, expected (B, Q) = {tuple(query_cats.shape)}")
+        return rows.bool()
+    cats = query_cats.long()
+    if rows == "response":
+        return cats == RESPONSE
+    if rows == "all":
+        return cats != PAD
+    if rows == "after_image":
+        pos = torch.arange(cats.shape[1], device=cats.device).expand_as(cats)
+        visual = (cats == IMAGE) | (cats == TARGET)
+        last_img = torch.where(visual, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
+        return (pos > last_img) & (last_img >= 0) & (cats != PAD)
+    raise ValueError(f"rows must be one of {ROW_SETS} or a (B, Q) bool tensor, got {rows!r}")
+
+
+@dataclass
+class VASResult:
+    """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows."""
+
+    value: torch.Tensor
+    per_layer: torch.Tensor
+    per_head: torch.Tensor
+    layers: tuple[int, ...]
+    form: str
+    rows: str
+    eps: float
+
+    def mean(self) -> float:
+        """Mean over the samples that have rows."""
+        return float(self.value.nanmean())
+
+    def describe(self) -> str:
+        formula = "mass_img/(mass_sys+eps)" if self.form == "ratio" else "mass_img/(mass_img+mass_sys+eps)"
+        return f"VAS ({self.form} form: {formula}, eps={self.eps:g}; rows={self.rows}; layers={list(self.layers)})"
+
+
+def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
+                    rows="response", form: str = "ratio", eps: float = VAS_EPS) -> VASResult:
+    """VAS from masses (L, B, Hq, Q, C) and query-row categories (B, Q)."""
+    if form not in ("ratio", "share"):
+        raise ValueError(f"VAS form must be 'ratio' or 'share', got {form!r}")
+    if masses.dim() != 5 or masses.shape[-1] != NUM_CATEGORIES:
+        raise ValueError(f"masses must be (L, B, Hq, Q, {NUM_CATEGORIES}), got {tuple(masses.shape)}")
+    L, B, H, Q, _ = masses.shape
+    if query_cats.shape != (B, Q):
+        raise ValueError(f"query categories have shape {tuple(query_cats.shape)}, expected (B, Q) = {(B, Q)}")
+    sel = select_rows(query_cats.to(masses.device), rows).float()  # (B, Q)
+    m = masses.float()
+    img, sys_ = image_mass(m), m[..., SYSTEM]
+    score = img / (sys_ + eps) if form == "ratio" else img / (img + sys_ + eps)  # (L, B, H, Q)
+    n = sel.sum(dim=1)  # (B,)
+    per_head = (score * sel[None, :, None, :]).sum(-1) / n[None, :, None]  # (L, B, H); NaN if n == 0
+    per_layer = per_head.mean(dim=2)
+    value = per_layer.mean(dim=0)
+    return VASResult(value, per_layer, per_head.permute(0, 2, 1), tuple(layers) if layers else tuple(range(L)), form,
+                     rows if isinstance(rows, str) else "custom", eps)
+
+
+def vas(rec, *, layers="all", rows="response", form: str = "ratio", eps: float = VAS_EPS, run: int = -1) -> VASResult:
+    """VAS of a `Recording` (see `vas_from_masses`)."""
+    chosen = rec.layers if layers == "all" else tuple(layers)
+    masses = torch.stack([rec.mass(layer, run) for layer in chosen])
+    return vas_from_masses(masses, rec.query_categories(run), layers=chosen, rows=rows, form=form, eps=eps)
+
+
+def visible_counts(key_cats: torch.Tensor, num_rows: int, causal: bool = True) -> torch.Tensor:
+    """(B, Q, C) number of keys of each category visible to each of the last `num_rows` rows."""
+    oh = torch.nn.functional.one_hot(key_cats.long(), NUM_CATEGORIES).float()  # (B, K, C)
+    K = key_cats.shape[1]
+    if not causal:
+        return oh.sum(1, keepdim=True).expand(-1, num_rows, -1)
+    return oh.cumsum(dim=1)[:, K - num_rows:]
+
+
+@dataclass
+class TargetAttention:
+    """SAYO per-token scores: a, v, R_a of shape (L, B, Q) (L = chosen layers); NaN where undefined."""
+
+    a: torch.Tensor
+    v: torch.Tensor
+    reward: torch.Tensor
+    layers: tuple[int, ...]
+
+
+def target_attention_from_masses(masses: torch.Tensor, key_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
+                                 eps: float = SAYO_EPS) -> TargetAttention:
+    """a(i), v(i), R_a(i) from masses (L, B, Hq, Q, C) and key-slot categories (B, K) (rows = last Q slots)."""
+    L, B, H, Q, _ = masses.shape
+    counts = visible_counts(key_cats.to(masses.device), Q)  # (B, Q, C)
+    n_target = counts[..., TARGET]
+    n_img = counts[..., IMAGE] + n_target
+    m = masses.float().mean(dim=2)  # mean over heads: (L, B, Q, C)
+    nan = torch.tensor(float("nan"), device=m.device)
+    a = torch.where(n_target > 0, m[..., TARGET] / n_target.clamp_min(1), nan)
+    v = torch.where(n_img > 0, image_mass(m) / n_img.clamp_min(1), nan)
+    reward = 0.5 * (1 + torch.tanh(torch.log((a + eps) / (v + eps))))
+    return TargetAttention(a, v, reward, tuple(layers) if layers else tuple(range(L)))
+
+
+def target_attention(rec, *, layers=(-1,), eps: float = SAYO_EPS, run: int = -1) -> TargetAttention:
+    """SAYO a / v / R_a of a `Recording` at `layers` (default: the last layer)."""
+    chosen = tuple(layer % rec.num_layers for layer in (rec.layers if layers == "all" else layers))
+    masses = torch.stack([rec.mass(layer, run) for layer in chosen])
+    return target_attention_from_masses(masses, rec.categories_of(run), layers=chosen, eps=eps)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(..., V) logits -> (...) entropy in nats of softmax(logits / temperature)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+MASS_COLUMNS = {f"mass_{c.name.lower()}": int(c) for c in TokenCategory if c != TokenCategory.PAD}
+
+
+def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[Sequence[str]] | None = None,
+                      entropy: torch.Tensor | None = None, rows="all") -> list[dict]:
+    """A tidy table (list of dicts) with one row per (sample, query token): category, head-mean masses per
+    category at `layer`, image mass, SAYO a / v / R_a, optional token text and entropy (B, Q)."""
+    mass = rec.mass(layer, run).float().mean(dim=1)  # (B, Q, C)
+    qcats = rec.query_categories(run)
+    ta = target_attention(rec, layers=(layer,), run=run)
+    sel = select_rows(qcats, rows)
+    B, Q = qcats.shape
+    K = rec.categories_of(run).shape[1]
+    out = []
+    for b in range(B):
+        for i in sel[b].nonzero().flatten().tolist():
+            row = {"sample": b, "position": K - Q + i, "category": TokenCategory(int(qcats[b, i])).name.lower()}
+            if tokens is not None:
+                row["token"] = tokens[b][i]
+            for name, code in MASS_COLUMNS.items():
+                row[name] = float(mass[b, i, code])
+            row["mass_image_all"] = float(image_mass(mass[b, i]))
+            row["a"], row["v"], row["R_a"] = (float(t[0, b, i]) for t in (ta.a, ta.v, ta.reward))
+            if entropy is not None:
+                row["entropy"] = float(entropy[b, i])
+            out.append(row)
+    return out
+
+
+def _clean(value):
+    return None if isinstance(value, float) and value != value else value  # NaN -> null in JSON
+
+
+def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n")
+    return path
+
+
+def write_csv(records: Sequence[dict], path: str | Path) -> Path:
+    path = Path(path)
+    fields = list(dict.fromkeys(k for r in records for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(records)
+    return path
+
+
+__all__ = ["ROW_SETS", "TargetAttention", "VASResult", "image_mass", "per_token_records", "select_rows",
+           "target_attention", "target_attention_from_masses", "token_entropy", "vas", "vas_from_masses",
+           "visible_counts", "write_csv", "write_jsonl", "TEXT"]

@@ -15,7 +15,8 @@ its module up, checks the labels against the key length and calls the operator (
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from .categories import PAD, RESPONSE, LabelOptions, prompt_end_index, validate_
 from .intervention import Intervention
 from .kernels.function import category_attention, resolve_backend
 from .models import FamilyAdapter, get_adapter
+from .regions import CONVENTIONS, SELECTION_RULES, geometry_for, target_token_mask
 
 ATTN_NAME = "attn_mod"  # no "flash", "sdpa", "flex" or "/" (each triggers special dispatch in transformers)
 
@@ -38,12 +40,35 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+@dataclass(frozen=True)
+class BoxTarget:
+    """Pixel boxes to turn into a TARGET mask at the next prefill (see `attn_mod.regions.target_token_mask`)."""
+
+    boxes: Sequence
+    image_sizes: Sequence | None
+    video_sizes: Sequence | None
+    convention: str
+    by: str
+
+    def mask(self, input_ids: torch.Tensor, inputs: dict, config, geometry) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("boxes need input_ids to find the visual tokens")
+        return target_token_mask(
+            input_ids, getattr(config, "image_token_id", None), inputs.get("image_grid_thw"), self.boxes,
+            self.image_sizes, merge_size=geometry.merge_size, patch_size=geometry.patch_size,
+            convention=self.convention, by=self.by, mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            video_token_id=getattr(config, "video_token_id", None), video_grid_thw=inputs.get("video_grid_thw"),
+            video_sizes=self.video_sizes)
+
+
 class PatchState:
     """Everything the attention function needs for one patched model."""
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, labeler, options: LabelOptions,
-                 intervention: Intervention, backend: str):
+                 intervention: Intervention, backend: str, processor=None):
         self.adapter = adapter
+        self.processor = processor
+        self.config = model.config
         self.labeler = labeler
         self.options = options
         self.attention_modules = adapter.attention_modules(model)
@@ -53,7 +78,7 @@ class PatchState:
         self.labels: torch.Tensor | None = None  # (B, K) int8: one category per KV slot
         self.prompt_end: torch.Tensor | None = None  # (B,)
         self.explicit: torch.Tensor | None = None
-        self.target_mask: torch.Tensor | None = None
+        self.target: torch.Tensor | BoxTarget | None = None
         self.forward_id = 0
         self.recorders: list = []
         self.mass_layers_last: set[int] = set()
@@ -73,8 +98,11 @@ class PatchState:
         self._transform_on: dict[torch.device, Any] = {}
 
     # ----------------------------------------------------------------------------------- labels
-    def begin_forward(self, input_ids, inputs_embeds, attention_mask, mm_token_type_ids, labels, past: int) -> None:
-        """Label the slots this forward adds to the KV sequence (called by the model's pre-hook)."""
+    def begin_forward(self, inputs: dict, past: int) -> None:
+        """Label the slots this forward adds to the KV sequence (called by the model's pre-hook with the
+        forward's keyword inputs; `past` = number of slots already in the KV cache)."""
+        input_ids, attention_mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        inputs_embeds = inputs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("attn-mod needs input_ids or inputs_embeds to label tokens")
@@ -89,8 +117,12 @@ class PatchState:
                 raise ValueError("inputs_embeds without input_ids cannot be labelled from token ids: call "
                                  "handle.set_categories(cats) with a (B, S) tensor of codes before the forward")
             else:
-                cats = self.labeler(input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                                    labels=labels, target_mask=self.target_mask, options=self.options)
+                target = self.target
+                if isinstance(target, BoxTarget):
+                    target = target.mask(input_ids, inputs, self.config, self.geometry())
+                cats = self.labeler(input_ids, attention_mask=attention_mask,
+                                    mm_token_type_ids=inputs.get("mm_token_type_ids"), labels=inputs.get("labels"),
+                                    target_mask=target, options=self.options)
             self.labels = cats.to(torch.int8)
             self.prompt_end = prompt_end_index(self.labels)
             new_run = True
@@ -108,6 +140,10 @@ class PatchState:
         self._on_device = {}
         for rec in self.recorders:
             rec._begin(self, new_run)
+
+    def geometry(self):
+        """Patch geometry for pixel boxes, from the processor (checked against the family)."""
+        return geometry_for(self.processor, family=self.adapter.name if self.adapter.name != "generic" else None)
 
     def _labels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:
@@ -229,17 +265,37 @@ class PatchHandle:
         self.state.set_intervention(new)
         return self
 
-    def set_target(self, mask: torch.Tensor | None = None, **kwargs) -> PatchHandle:
-        """Label visual tokens where `mask` (B, S) bool is True as TARGET in the following prefills.
+    def set_target(self, mask: torch.Tensor | None = None, *, boxes: Sequence | None = None,
+                   images: Sequence | None = None, videos: Sequence | None = None, convention: str = "pixel",
+                   by: str = "overlap") -> PatchHandle:
+        """TARGET labels for the following prefills: visual tokens where `mask` (B, S) is True, or inside
+        pixel `boxes` (one list per batch sample, see `attn_mod.regions.target_token_mask`).
 
-        `set_target(None)` clears it. The mask must have the input_ids' shape and mark only visual tokens.
+        images / videos: the original images (PIL) or their (H, W) sizes, in the order the processor
+        received them (sample by sample). convention: "pixel" | "normalized" | "qwen1000" | "resized";
+        by: "overlap" | "center". `set_target(None)` clears the target.
         """
         self._check_alive()
-        if kwargs:
-            raise NotImplementedError("pixel boxes (set_target(boxes=..., images=...)) come with attn_mod.regions")
+        if mask is not None and boxes is not None:
+            raise ValueError("pass either a token mask or pixel boxes, not both")
+        if boxes is not None:
+            if self.state.labeler is None or self.state.processor is None:
+                raise ValueError("pixel boxes need a supported family patched with its processor; with "
+                                 "categories='explicit' pass TARGET codes in set_categories instead")
+            if images is None and videos is None:
+                raise ValueError("boxes need images= (the original images or their (H, W) sizes) to map pixels "
+                                 "to visual tokens")
+            if convention not in CONVENTIONS:
+                raise ValueError(f"unknown box convention {convention!r}; choose one of {CONVENTIONS}")
+            if by not in SELECTION_RULES:
+                raise ValueError(f"unknown selection rule {by!r}; choose one of {SELECTION_RULES}")
+            self.state.geometry()  # fail now, not at the next forward, if the processor does not fit
+            self.state.target = BoxTarget(list(boxes), None if images is None else list(images),
+                                          None if videos is None else list(videos), convention, by)
+            return self
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             raise ValueError("target mask must be a (B, S) bool tensor aligned with input_ids")
-        self.state.target_mask = None if mask is None else mask.bool()
+        self.state.target = None if mask is None else mask.bool()
         return self
 
     def set_categories(self, cats: torch.Tensor | None) -> PatchHandle:
@@ -278,8 +334,7 @@ def _pre_hook(state: PatchState):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        state.begin_forward(input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"),
-                            kwargs.get("mm_token_type_ids"), kwargs.get("labels"), past)
+        state.begin_forward({**kwargs, "input_ids": input_ids}, past)
         return None
 
     return hook
@@ -304,7 +359,7 @@ def patch(model: nn.Module, processor=None, *, intervention: Intervention | None
     adapter = get_adapter(model, explicit=categories == "explicit")
     labeler = adapter.labeler(model, processor) if categories == "auto" else None
     state = PatchState(model, adapter, labeler, LabelOptions(sink_category=sink_category),
-                       intervention or Intervention.identity(), backend)
+                       intervention or Intervention.identity(), backend, processor)
     _register()
     original = adapter.attn_implementation(model)
     adapter.set_attn_implementation(model, ATTN_NAME)

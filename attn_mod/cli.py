@@ -1,0 +1,41 @@
+"""The `attn-mod` command. Each subcommand lives in its own module with `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their subcommand runs (fast `--help`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("attn_mod.demo", "build the embedded tiny model + synthetic benchmark and run the main job"),
+    "inspect": ("attn_mod.inspect", "generate with attention capture; write answer, metrics and pictures"),
+    "sweep": ("attn_mod.eval.sweep_cli", "alpha/beta (or any intervention) sweep over local benchmarks"),
+    "eval": ("attn_mod.eval.sweep_cli", "evaluate one intervention on local benchmarks"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attn-mod", description="Category-aware attention for VLMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            getattr(mod, f"add_{name}_arguments", mod.add_arguments)(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    mod = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(getattr(mod, f"run_{args.command}", getattr(mod, "run", None))(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"attn-mod {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

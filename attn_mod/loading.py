@@ -1,0 +1,70 @@
+"""Loading a local VLM checkpoint (a Hugging Face directory) and its processor, with clear errors.
+
+Nothing is downloaded: paths must exist locally (`local_files_only=True`). Processors that need
+torchvision (video processors) fall back to the PIL image processor without video support.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
+
+
+def parse_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_type_of(path: str | Path) -> str:
+    """The `model_type` of a local checkpoint directory (raises FileNotFoundError / ValueError)."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"model path {str(path)!r} is not a directory; pass a local Hugging Face checkpoint "
+                                "(a folder with config.json and weights)")
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} is missing: {path} is not a Hugging Face model directory")
+    model_type = json.loads(cfg.read_text()).get("model_type")
+    if not model_type:
+        raise ValueError(f"{cfg} has no model_type")
+    return model_type
+
+
+def load_processor(path: str | Path, model_type: str | None = None):
+    """The checkpoint's processor; without torchvision, its PIL image processor and no video processor."""
+    from transformers import AutoProcessor
+
+    model_type = model_type or model_type_of(path)
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as first:  # noqa: BLE001 - fall back to the torchvision-free build below
+        from .tiny import FAMILIES, load_tiny_processor
+
+        if model_type not in FAMILIES:
+            raise ValueError(f"cannot load the processor of {path} ({type(first).__name__}: {first})") from first
+        return load_tiny_processor(path, model_type)
+
+
+def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "auto"):
+    """(model, processor) from a local directory, in eval mode, on `device`.
+
+    Raises a ValueError naming the supported families when the checkpoint is not a supported VLM.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    from .models import ADAPTERS, SUPPORTED_FAMILIES
+
+    model_type = model_type_of(path)
+    if not any(model_type in a.model_types for a in ADAPTERS):
+        raise ValueError(f"{path} is a {model_type!r} model; attn-mod supports the VLM families "
+                         f"{', '.join(SUPPORTED_FAMILIES)} (other decoders: attn_mod.patch(model, categories='explicit'))")
+    torch_dtype = parse_dtype(dtype)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    model = model.to(device).eval()
+    return model, load_processor(path, model_type)

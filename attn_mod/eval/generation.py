@@ -1,0 +1,96 @@
+"""Batched chat generation for a (possibly patched) VLM: the one place prompts become model outputs.
+
+    outs = generate_batch(model, processor, [Request("What color?", [img])], max_new_tokens=32)
+    outs[0].text
+
+Prompts go through the processor's own chat template; batches are left-padded (the patch handles
+padding and the KV cache); greedy by default. Used by the sweep runner, `attn-mod inspect`-like tools
+and the harness adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class Request:
+    """One prompt: a question (already formatted), its images (PIL) in order, an optional system prompt."""
+
+    question: str
+    images: Sequence[Any] = field(default_factory=list)
+    system: str | None = None
+
+
+@dataclass
+class Output:
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+
+def chat_messages(req: Request) -> list[dict]:
+    """Hugging Face chat messages: images first, then the question (the released Qwen-VL order)."""
+    content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.question}]
+    messages = [{"role": "system", "content": req.system}] if req.system else []
+    return messages + [{"role": "user", "content": content}]
+
+
+def render_prompt(processor, req: Request) -> str:
+    return processor.apply_chat_template(chat_messages(req), add_generation_prompt=True, tokenize=False)
+
+
+def encode_batch(processor, requests: Sequence[Request], device) -> dict:
+    """Left-padded processor inputs for `requests` on `device`."""
+    tok = getattr(processor, "tokenizer", processor)
+    if getattr(tok, "padding_side", "left") != "left":
+        tok.padding_side = "left"  # decoder-only generation needs left padding
+    texts = [render_prompt(processor, r) for r in requests]
+    images = [im for r in requests for im in r.images]
+    kwargs = dict(text=texts, return_tensors="pt", padding=True)
+    if images:
+        kwargs["images"] = images
+    batch = processor(**kwargs)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def generate_batch(model, processor, requests: Sequence[Request], *, max_new_tokens: int = 32,
+                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   seed: int | None = None, stopping_criteria=None) -> list[Output]:
+    """Generate one answer per request (greedy unless `do_sample`)."""
+    if not requests:
+        return []
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    batch = encode_batch(processor, requests, device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stopping_criteria is not None:
+        gen_kwargs["stopping_criteria"] = stopping_criteria
+    with torch.no_grad():
+        seqs = model.generate(**batch, **gen_kwargs)
+    prompt_len = batch["input_ids"].shape[1]
+    tok = getattr(processor, "tokenizer", processor)
+    outs = []
+    for row in seqs[:, prompt_len:].tolist():
+        ids = _strip_after_eos(row, model.generation_config)
+        outs.append(Output(tok.decode(ids, skip_special_tokens=True).strip(), ids, prompt_len))
+    return outs
+
+
+def _strip_after_eos(ids: list[int], generation_config) -> list[int]:
+    eos = generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else set()
+    for i, t in enumerate(ids):
+        if t in eos:  # everything after the first EOS is padding
+            return ids[:i]
+    return ids

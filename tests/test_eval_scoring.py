@@ -84,6 +84,7 @@ CHOICE_CASES = [
     ("The answer is: the blue one.", "B"),
     ("B because the sky is blue.", "B"),
     ("The colour is red or blue.", None),
+    ("The answer is blue, not red.", "B"),
     ("I think it's B", "B"),
 ]
 

@@ -208,8 +208,9 @@ def _norm_phrase(s: str) -> str:
 def _match_option_text(text: str, options: Mapping[str, str]) -> tuple[str | None, bool]:
     """Option whose text occurs as a whole phrase in `text`: (letter, ambiguous).
 
-    Exact equality of the whole text wins. Otherwise every option found is a candidate; a candidate whose text is
-    contained in a longer found candidate ("red" inside "dark red") is dropped. One left -> it; several -> ambiguous.
+    Exact equality of the whole text wins. Otherwise every option found (not right after "not") is a candidate; a
+    candidate whose text is contained in a longer found candidate ("red" inside "dark red") is dropped. One left
+    -> it; several -> ambiguous.
     """
     t = _norm_phrase(text)
     if not t:
@@ -220,9 +221,10 @@ def _match_option_text(text: str, options: Mapping[str, str]) -> tuple[str | Non
         return exact[0], False
     found = {}
     for k, v in normed.items():
-        m = re.search(r"(?<![a-z0-9])" + re.escape(v) + r"(?![a-z0-9])", t)
-        if m:
-            found[k] = v
+        for m in re.finditer(r"(?<![a-z0-9])" + re.escape(v) + r"(?![a-z0-9])", t):
+            if not re.search(r"\bnot\s+(?:the\s+)?$", t[: m.start()]):  # "blue, not red"
+                found[k] = v
+                break
     keep = [k for k, v in found.items() if not any(v != w and v in w for w in found.values())]
     if len(set(found[k] for k in keep)) == 1:
         return sorted(keep)[0], len(keep) > 1

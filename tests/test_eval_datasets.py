@@ -147,9 +147,11 @@ def test_tsv_duplicate_index_and_ragged_row(tmp_path):
                      [[0, b64(), "q", "yes"], [0, b64(), "q", "no"]])
     with pytest.raises(DatasetError, match=r"d\.tsv row 1: duplicate index '0' \(also row 0\)"):
         list(load_benchmark(path))
-    path = write_tsv(tmp_path / "r.tsv", ["index", "question", "answer"], [[0, "q", "yes", "extra"]])
+    path = write_tsv(tmp_path / "r.tsv", ["index", "question", "answer"], [[0, "q", "yes", "extra"], [1, "q"]])
     with pytest.raises(DatasetError, match=r"r\.tsv row 0: 4 fields but the header has 3"):
         list(load_benchmark(path, require_image=False))
+    with pytest.raises(DatasetError, match=r"r\.tsv row 1: column 'answer' is missing \(the row has only 2 fields\)"):
+        load_benchmark(path, require_image=False)[1]
 
 
 def test_missing_file_and_unknown_format(tmp_path):

@@ -103,6 +103,7 @@ def test_extract_choice(output, expected):
         ("There are 3 circles.", {"A": "2", "B": "3", "C": "4", "D": "5"}, "B"),
         ("I count 3 circles and 5 shapes.", {"A": "2", "B": "3", "C": "4", "D": "5"}, None),
         ("The answer is I", {k: str(i) for i, k in enumerate("ABCDEFGHI")}, "I"),
+        ("The answer is I think B", {k: str(i) for i, k in enumerate("ABCDEFGHI")}, "B"),  # pronoun "I"
     ],
 )
 def test_extract_choice_options(output, options, expected):
@@ -120,7 +121,7 @@ def test_choice_methods_are_reported():
 
 def test_long_reasoning_reads_only_the_last_line():
     # 40+ words mentioning A in the middle; no letter on the last line -> nothing extracted
-    body = "Consider option A carefully. " + "The shape has straight edges and equal sides. " * 8
+    body = "Consider (A) carefully. " + "The shape has straight edges and equal sides. " * 8
     assert extract_choice(body + "\nIt is hard to say.", OPTS).value is None
     assert extract_choice(body + "\nSo my pick: (C)", OPTS).value == "C"
 

@@ -192,7 +192,7 @@ def _b64decode(text: str, where: str) -> bytes:
 # --------------------------------------------------------------------------------------------- sample
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sample:
     """One benchmark item. `images` are lazy (`ImageSource`); nothing is decoded until asked for.
 
@@ -526,8 +526,15 @@ def _find_annotations(directory: Path) -> Path:
 class Benchmark:
     """A local benchmark: `len()`, `bench[i]`, iteration (streamed, `limit` applied) yielding `Sample`s.
 
-    Use `load_benchmark` to build one. Iteration checks that `index` values are unique, so `sample_id` is a
-    stable key for resumable result files.
+    Options: `name` (default: file stem / folder name; prefixes `sample_id`), `format` ("tsv", "jsonl", "json",
+    "parquet"; default from the extension), `columns` (field -> column overrides, see `DEFAULT_COLUMNS`),
+    `image_root` (base of relative image paths; default the annotation file's folder), `limit` (first N rows),
+    `answer_type` (force one type for every row, e.g. "yesno" for 1/0 answers), `require_answer` /
+    `require_image` (raise on rows without them; default True), `bbox_format` ("xyxy" or "xywh").
+
+    Iteration checks that `index` values are unique, so `sample_id` is a stable key for resumable result files.
+    `len()` of a TSV / JSONL file scans it once (no JSON or image decoding) and remembers row offsets, which
+    `bench[i]` then seeks to; Parquet lengths come from its metadata.
     """
 
     def __init__(
@@ -625,6 +632,8 @@ class Benchmark:
         return out
 
     def _missing(self, where: str, column: str, cols: dict[str, Any], rec: Mapping[str, Any]) -> DatasetError:
+        if column not in rec and column in cols["_keys"]:  # a TSV row shorter than the header
+            return DatasetError(f"{where}: column '{column}' is missing (the row has only {len(rec)} fields)")
         if column not in rec:
             return DatasetError(f"{where}: column '{column}' is missing (columns: {', '.join(map(str, cols['_keys']))})")
         return DatasetError(f"{where}: column '{column}' is missing (empty value)")

@@ -190,12 +190,10 @@ def _letter_at(text: str, pos: int, letters: str, *, allow_lower: bool, strict: 
         if alt.group(1).isupper() or bracketed:
             return letter, m.end(), True  # "A or B", "(A)/(B)", "C, D"
     if not bracketed:
-        if raw in "aAI" and _ARTICLE_FOLLOW.match(after) and (raw != "A" or strict):
-            return None, pos, False  # "a dog", "A dog ...", "I think": prose, not an option letter
-        if raw.islower() and _ARTICLE_FOLLOW.match(after):
-            return None, pos, False
+        if (raw.islower() or raw == "I") and _ARTICLE_FOLLOW.match(after):
+            return None, pos, False  # "a dog", "I think": prose; a bare lower-case letter needs punctuation after it
         if strict and after and not _STRICT_FOLLOW.match(after):
-            return None, pos, False
+            return None, pos, False  # "A dog is ...", "so B is wrong"
     return letter, m.end(), False
 
 
@@ -268,8 +266,9 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None, letters:
        words) or else in its last line; "not A" does not count; two or more distinct letters -> ambiguous -> None;
     5. exactly one option text occurs in that same region (the longest wins when one contains another).
 
-    Lower-case letters count only after a marker, in brackets, or as the whole response ("c", "(b)"); the
-    articles / pronoun "a", "A", "I" followed by a lower-case word are never letters.
+    A bare lower-case letter counts only when punctuation, a bracket or the end follows it ("c", "c.", "(b)"), so
+    "a dog" is never A; "I think" is never I; "A dog is ..." at the start of a response or after "so" /
+    "therefore" is prose, while "The answer is A because ..." is A.
     """
     options = dict(options or {})
     letters = "".join(sorted(letters or (options.keys() if options else "ABCDE"))).upper()

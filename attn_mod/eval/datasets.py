@@ -99,9 +99,9 @@ class DatasetError(ValueError):
 
 
 class ImageSource:
-    """A lazily decoded image: a file path, base64 text / bytes, or a callable returning any of those or a PIL
-    image. `load()` (or calling it) gives a PIL RGB image; `size` reads only the header. `where` names the
-    sample in error messages."""
+    """A lazily decoded image: a file `path`, `data` (base64 text, optionally a data URI, or encoded bytes), or
+    `fetch`, a callable returning base64 text, bytes, a PathLike or a PIL image. `load()` (or calling it) gives a
+    PIL RGB image; `size` reads only the header. `where` ("file row N") prefixes error messages."""
 
     __slots__ = ("path", "_data", "_fetch", "where", "_size")
 
@@ -132,7 +132,7 @@ class ImageSource:
             return raw
         if isinstance(raw, (bytes, bytearray, memoryview)):
             return bytes(raw)
-        if isinstance(raw, (str, os.PathLike)) and not isinstance(raw, str):
+        if isinstance(raw, os.PathLike):
             return Path(raw).read_bytes()
         return _b64decode(str(raw), self.where)
 

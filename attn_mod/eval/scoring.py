@@ -118,7 +118,7 @@ def _unlatex(s: str) -> str:
 
 # Answer markers: what precedes an explicit answer. The letter/number/word that follows is parsed per type.
 _MARKER = re.compile(
-    r"(?:(?:final|correct|right|best|the|my|short)\s+)*(?:answer|option|choice)s?"
+    r"\b(?:(?:final|correct|right|best|the|my|short)\s+)*(?:answer|option|choice)s?"
     r"(?:\s+(?:is|would\s+be|should\s+be|will\s+be|must\s+be|=))+\s*:?"
     r"|\b(?:final\s+)?answer\s*[:：=]"
     r"|答案\s*[:：]?\s*(?:是|为)?"
@@ -165,23 +165,23 @@ _ARTICLE_FOLLOW = re.compile(r"[ \t]+(?!(?:or|and)\b)[a-z]")  # "A dog", "I thin
 _STRICT_FOLLOW = re.compile(
     r"\s*(?:$|[.,;:!?)\]]|\n)|\s+[A-Z(]|(?i:\s+is\s+(?:the\s+)?(?:correct|right|answer|best)\b)"
 )
+_OPTION_WORD = re.compile(r"\s*(?:(?:the\s+)?(?:options?|choices?)\s*)?", re.IGNORECASE)
 _ALT_FOLLOW = re.compile(r"\s*(?:,|/|\bor\b|\band\b|&)\s*(?:options?\s+|choices?\s+)?[(\[]?\s*([A-Za-z])(?![A-Za-z0-9])")
 
 
-def _letter_at(text: str, pos: int, letters: str, *, allow_lower: bool, strict: bool) -> tuple[str | None, int, bool]:
+def _letter_at(text: str, pos: int, letters: str, *, strict: bool) -> tuple[str | None, int, bool]:
     """Parse an option-letter token at `pos` (after optional "option"/"choice").
 
     Returns (letter or None, end position, ambiguous). `strict` demands punctuation, a bracket or the end of the
     text right after a bare letter (used after weak markers and at the start of a response).
     """
-    m = re.compile(r"\s*(?:(?:the\s+)?(?:options?|choices?)\s*)?", re.IGNORECASE).match(text, pos)
-    pos = m.end() if m else pos
+    pos = _OPTION_WORD.match(text, pos).end()
     m = _LETTER_TOKEN.match(text, pos)
     if not m:
         return None, pos, False
     raw = m.group("l")
     letter = raw.upper()
-    if letter not in letters or (raw.islower() and not allow_lower):
+    if letter not in letters:
         return None, pos, False
     bracketed = bool(m.group("open") or m.group("close"))
     after = text[m.end() :]
@@ -282,7 +282,7 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None, letters:
     for pos, kind, payload in sorted(explicit, key=lambda x: x[0], reverse=True):
         if kind == "boxed":
             content = _unlatex(payload)
-            letter, _, amb = _letter_at(content, 0, letters, allow_lower=True, strict=False)
+            letter, _, amb = _letter_at(content, 0, letters, strict=False)
             if amb:
                 return Extraction(None, "ambiguous")
             if letter:
@@ -292,7 +292,7 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None, letters:
                 if letter and not amb:
                     return Extraction(letter, "boxed_option_text")
             continue
-        letter, end, amb = _letter_at(text, payload, letters, allow_lower=True, strict=(kind == "weak"))
+        letter, end, amb = _letter_at(text, payload, letters, strict=(kind == "weak"))
         if amb:
             return Extraction(None, "ambiguous")
         if letter:
@@ -305,7 +305,7 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None, letters:
                 return Extraction(letter, "answer_marker_option_text")
 
     # 2. leading letter token
-    letter, end, amb = _letter_at(text, 0, letters, allow_lower=True, strict=True)
+    letter, end, amb = _letter_at(text, 0, letters, strict=True)
     if amb:
         return Extraction(None, "ambiguous")
     if letter:

@@ -1,5 +1,6 @@
-"""The `attn-mod` command. Each subcommand lives in its own module with `add_arguments(parser)` and
-`run(args) -> int`; modules are imported only when their subcommand runs (fast `--help`)."""
+"""The `attn-mod` command. Each subcommand lives in a module with `add_<name>_arguments(parser)` (or
+`add_arguments`) and `cmd_<name>(args) -> int` (or `run`); modules are imported only when their
+subcommand runs (fast `--help`)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             mod = importlib.import_module(module)
-            getattr(mod, f"add_{name}_arguments", mod.add_arguments)(p)
+            (getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments)(p)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     mod = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(getattr(mod, f"run_{args.command}", getattr(mod, "run", None))(args) or 0)
+        return int((getattr(mod, f"cmd_{args.command}", None) or mod.run)(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"attn-mod {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -36,15 +36,16 @@ def _coerce(value: Any, tp, where: str):
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the bad key
+            return _coerce(value, options[0], where)
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in options:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)} ({'; '.join(errors)})")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")

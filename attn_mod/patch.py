@@ -27,7 +27,7 @@ from .categories import PAD, RESPONSE, LabelOptions, prompt_end_index, validate_
 from .intervention import Intervention
 from .kernels.function import category_attention, resolve_backend
 from .models import FamilyAdapter, get_adapter
-from .regions import CONVENTIONS, SELECTION_RULES, geometry_for, target_token_mask
+from .regions import CONVENTIONS, SELECTION_RULES, geometry_for, resized_size_from_config, target_token_mask
 
 ATTN_NAME = "attn_mod"  # no "flash", "sdpa", "flex" or "/" (each triggers special dispatch in transformers)
 
@@ -50,11 +50,17 @@ class BoxTarget:
     convention: str
     by: str
 
-    def mask(self, input_ids: torch.Tensor, inputs: dict, config, geometry) -> torch.Tensor:
+    def mask(self, input_ids: torch.Tensor, inputs: dict, config, geometry, processor) -> torch.Tensor:
         if input_ids is None:
             raise ValueError("boxes need input_ids to find the visual tokens")
+        grid = inputs.get("image_grid_thw")
+        if grid is None and self.image_sizes:
+            # generate() hands the model precomputed vision features, not image_grid_thw: re-derive the
+            # grid exactly as the processor does (smart_resize of each original size).
+            grid = torch.tensor([[1, *(d // geometry.patch_size for d in resized_size_from_config(processor, size))]
+                                 for size in self.image_sizes])
         return target_token_mask(
-            input_ids, getattr(config, "image_token_id", None), inputs.get("image_grid_thw"), self.boxes,
+            input_ids, getattr(config, "image_token_id", None), grid, self.boxes,
             self.image_sizes, merge_size=geometry.merge_size, patch_size=geometry.patch_size,
             convention=self.convention, by=self.by, mm_token_type_ids=inputs.get("mm_token_type_ids"),
             video_token_id=getattr(config, "video_token_id", None), video_grid_thw=inputs.get("video_grid_thw"),
@@ -119,7 +125,7 @@ class PatchState:
             else:
                 target = self.target
                 if isinstance(target, BoxTarget):
-                    target = target.mask(input_ids, inputs, self.config, self.geometry())
+                    target = target.mask(input_ids, inputs, self.config, self.geometry(), self.processor)
                 cats = self.labeler(input_ids, attention_mask=attention_mask,
                                     mm_token_type_ids=inputs.get("mm_token_type_ids"), labels=inputs.get("labels"),
                                     target_mask=target, options=self.options)

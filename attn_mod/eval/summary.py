@@ -1,0 +1,146 @@
+"""Sweep summaries: accuracy per cell x dataset (CSV, JSON, Markdown with baseline / best highlighted) and
+alpha x beta accuracy heatmaps (PNG), from the per-sample JSONL records."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from .scoring import aggregate
+from .sweep_config import Cell
+
+METRIC_COLUMNS = ("vas", "target_a", "target_reward")
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence[str]) -> dict:
+    """{"rows": [...one per (cell, dataset)...], "best": {dataset: cell id}, "baseline": id or None}."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["cell"], r["dataset"])].append(r)
+    rows = []
+    for cell in cells:
+        for ds in datasets:
+            recs = groups.get((cell.id, ds), [])
+            agg = aggregate(recs)
+            row = {"cell": cell.id, "name": cell.name, "preset": cell.preset, **{k: v for k, v in cell.params},
+                   "dataset": ds, "n": agg["overall"]["n"], "correct": agg["overall"]["correct"],
+                   "accuracy": agg["overall"]["accuracy"], "extraction_rate": agg["overall"].get("extraction_rate"),
+                   "by_category": {k: v["accuracy"] for k, v in agg.get("by_category", {}).items()}}
+            for m in METRIC_COLUMNS:
+                if any(m in r for r in recs):
+                    row[m] = _mean(r.get(m) for r in recs)
+            rows.append(row)
+    baseline = next((c.id for c in cells if c.preset == "identity"), None)
+    best = {}
+    for ds in datasets:
+        cand = [r for r in rows if r["dataset"] == ds and r["cell"] != baseline and r["accuracy"] is not None]
+        if cand:
+            best[ds] = max(cand, key=lambda r: r["accuracy"])["cell"]
+    return {"rows": rows, "best": best, "baseline": baseline, "datasets": list(datasets),
+            "cells": [c.id for c in cells]}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown_table(summary: dict) -> str:
+    """Cells x datasets accuracy (%), mean column; the baseline row is marked, the best cell per dataset bold."""
+    datasets, rows = summary["datasets"], summary["rows"]
+    by = {(r["cell"], r["dataset"]): r for r in rows}
+    has_vas = any("vas" in r for r in rows)
+    head = ["cell"] + [f"{d} acc %" for d in datasets] + ["mean acc %"] + (["mean VAS"] if has_vas else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in summary["cells"]:
+        accs = [by[(cell, d)]["accuracy"] for d in datasets]
+        label = f"{cell} (baseline)" if cell == summary["baseline"] else cell
+        cols = [label]
+        for d, a in zip(datasets, accs):
+            cols.append(f"**{_pct(a)}**" if summary["best"].get(d) == cell else _pct(a))
+        cols.append(_pct(_mean(accs)))
+        if has_vas:
+            v = _mean(by[(cell, d)].get("vas") for d in datasets)
+            cols.append("-" if v is None else f"{v:.3f}")
+        lines.append("| " + " | ".join(cols) + " |")
+    lines.append("")
+    lines.append("Accuracy in %, n per dataset: " + ", ".join(
+        f"{d}={by[(summary['cells'][0], d)]['n']}" for d in datasets) + ". **Bold**: best non-baseline cell per dataset.")
+    if has_vas:
+        lines.append("VAS: ratio form mass_img/(mass_sys+1e-6), mean over layers, heads and answer tokens.")
+    return "\n".join(lines) + "\n"
+
+
+def heatmaps(summary: dict, out_dir: Path) -> list[Path]:
+    """One PNG per dataset: accuracy over alpha (x) x beta (y) for cells that have both; panels for other axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for ds in summary["datasets"]:
+        rows = [r for r in summary["rows"] if r["dataset"] == ds and "alpha" in r and "beta" in r]
+        if not rows:
+            continue
+        other = sorted({k for r in rows for k in r if k in ("renorm", "layers")})
+        panels = defaultdict(list)
+        for r in rows:
+            panels[tuple(str(r.get(k)) for k in other)].append(r)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8), squeeze=False)
+        for ax, (key, prs) in zip(axes[0], sorted(panels.items())):
+            alphas = sorted({r["alpha"] for r in prs})
+            betas = sorted({r["beta"] for r in prs})
+            grid = [[math.nan] * len(alphas) for _ in betas]
+            for r in prs:
+                acc = r["accuracy"]
+                grid[betas.index(r["beta"])][alphas.index(r["alpha"])] = math.nan if acc is None else 100 * acc
+            im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+            ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
+            ax.set_xlabel("alpha (image boost)")
+            ax.set_ylabel("beta (system suppression)")
+            for yi, row in enumerate(grid):
+                for xi, val in enumerate(row):
+                    if not math.isnan(val):
+                        ax.text(xi, yi, f"{val:.1f}", ha="center", va="center", color="w", fontsize=9)
+            ax.set_title(", ".join(f"{k}={v}" for k, v in zip(other, key)) or "accuracy %", fontsize=9)
+            fig.colorbar(im, ax=ax, label="accuracy %")
+        base = next((r for r in summary["rows"] if r["dataset"] == ds and r["cell"] == summary["baseline"]), None)
+        fig.suptitle(f"{ds}: accuracy over alpha x beta" + (f" (baseline {_pct(base['accuracy'])}%)" if base else ""))
+        fig.tight_layout()
+        path = out_dir / f"heatmap_{_safe(ds)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_summary(summary: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write summary.json, summary.csv, results.md and the heatmaps; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "summary.json", "csv": out / "summary.csv", "markdown": out / "results.md"}
+    paths["json"].write_text(json.dumps(summary, indent=2, default=str))
+    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in summary["rows"]]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(flat)
+    paths["markdown"].write_text(markdown_table(summary))
+    for p in heatmaps(summary, out):
+        paths[p.stem] = p
+    return paths

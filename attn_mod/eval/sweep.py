@@ -1,0 +1,196 @@
+"""The sweep runner: patch the model once, retune it per cell (`handle.update`), generate and score every
+sample of every dataset, append results per batch, resume where a previous run stopped.
+
+    result = run_sweep(load_config(SweepConfig, "configs/sweeps/tiny.yaml"))
+    result.paths["markdown"]   # results.md: cells x datasets, baseline and best highlighted
+
+Output directory: manifest.json (what the results belong to), results.jsonl (one line per cell x dataset
+x sample), summary.json / summary.csv / results.md / heatmap_<dataset>.png (rewritten after every cell).
+Batches are fixed chunks of each dataset, so a resumed run recomputes exactly the batch that was in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..capture import capture
+from ..metrics import target_attention, vas
+from ..patch import patch
+from .datasets import Benchmark, load_benchmark
+from .generation import Request, generate_batch
+from .prompts import COT_INSTRUCTIONS, DEFAULT_INSTRUCTIONS, build_prompt
+from .results import ResultStore
+from .scoring import score
+from .summary import summarize, write_summary
+from .sweep_config import Cell, DatasetConfig, SweepConfig
+
+MANIFEST_KEYS = ("model", "dtype", "generation", "datasets", "attention_metrics")
+
+
+@dataclass
+class SweepResult:
+    summary: dict
+    paths: dict
+    new_records: int
+    output_dir: Path
+
+
+def load_model_for(cfg: SweepConfig):
+    """(model, processor): "tiny:<family>" builds the embedded random tiny model, anything else is a local path."""
+    if cfg.model.startswith("tiny:"):
+        from ..tiny import FAMILIES, build_tiny
+
+        family = cfg.model.split(":", 1)[1]
+        if family not in FAMILIES:
+            raise ValueError(f"unknown tiny model {cfg.model!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}")
+        model, processor = build_tiny(family)
+        return model.to(cfg.device), processor
+    from ..loading import load_model
+
+    return load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+
+
+def open_dataset(d: DatasetConfig, limit: int | None) -> Benchmark:
+    lim = d.limit if limit is None else (limit if d.limit is None else min(limit, d.limit))
+    return load_benchmark(d.path, name=d.name, format=d.format, columns=d.columns, image_root=d.image_root,
+                          limit=lim, answer_type=d.answer_type)
+
+
+def _manifest(cfg: SweepConfig) -> dict:
+    full = dataclasses.asdict(cfg)
+    return json.loads(json.dumps({k: full[k] for k in MANIFEST_KEYS}, default=str))
+
+
+def _check_manifest(out: Path, cfg: SweepConfig) -> None:
+    path = out / "manifest.json"
+    new = _manifest(cfg)
+    if path.exists():
+        old = json.loads(path.read_text())
+        for key in MANIFEST_KEYS:
+            if old.get(key) != new.get(key) and key != "datasets":
+                raise ValueError(f"{out} holds results of a different sweep ({key}: {old.get(key)!r} != "
+                                 f"{new.get(key)!r}); use another output_dir, or --no-resume to start over")
+        old_ds = {d.get("name") or d["path"]: d for d in old.get("datasets", [])}
+        for d in new["datasets"]:
+            prev = old_ds.get(d.get("name") or d["path"])
+            if prev is not None and {k: v for k, v in prev.items() if k != "limit"} != \
+                    {k: v for k, v in d.items() if k != "limit"}:
+                raise ValueError(f"{out}: dataset {d.get('name') or d['path']!r} settings changed since the "
+                                 "stored results; use another output_dir, or --no-resume to start over")
+    path.write_text(json.dumps(new, indent=2))
+
+
+def _batch_seed(seed: int, *parts) -> int:
+    return (seed * 1_000_003 + zlib.crc32("|".join(map(str, parts)).encode())) % (2**31)
+
+
+def _prompt_of(sample, d: DatasetConfig) -> str:
+    instructions = COT_INSTRUCTIONS if d.instructions == "cot" else DEFAULT_INSTRUCTIONS
+    return build_prompt(sample, template=d.template, instructions=instructions)
+
+
+def _attention_metrics(rec, samples) -> list[dict]:
+    """Per-sample VAS (answer rows, all layers) and, when a bbox is set, SAYO target attention a / R_a."""
+    v = vas(rec)
+    ta = target_attention(rec)
+    resp = rec.query_categories() == 5
+    out = []
+    for b, s in enumerate(samples):
+        row = {"vas": _num(v.value[b])}
+        if s.bbox:
+            sel = resp[b] & ~torch.isnan(ta.a[0, b])
+            row["target_a"] = _num(ta.a[0, b][sel].mean()) if sel.any() else None
+            row["target_reward"] = _num(ta.reward[0, b][sel].mean()) if sel.any() else None
+        out.append(row)
+    return out
+
+
+def _num(t) -> float | None:
+    x = float(t)
+    return None if x != x else x
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None, progress: bool = True,
+              model=None, processor=None) -> SweepResult:
+    """Run (or resume) the sweep described by `cfg`. `model` / `processor` may be passed in-process."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    if not resume:
+        for stale in [results_path, out / "manifest.json"]:
+            stale.unlink(missing_ok=True)
+    _check_manifest(out, cfg)
+    store = ResultStore(results_path)
+    cells = cfg.build_cells()
+    datasets = [(d, open_dataset(d, limit)) for d in cfg.datasets]
+    names = [bench.name for _, bench in datasets]
+    samples = {bench.name: list(bench) for _, bench in datasets}  # lazy images: nothing decoded yet
+    total = sum(len(v) for v in samples.values()) * len(cells)
+    todo = sum(1 for c in cells for n in names for s in samples[n] if (c.id, n, s.sample_id) not in store.done)
+    if model is None:
+        model, processor = load_model_for(cfg)
+    handle = patch(model, processor, backend=cfg.backend)
+    gen = cfg.generation
+    bar = tqdm(total=total, initial=total - todo, disable=not progress, unit="sample", dynamic_ncols=True)
+    new_records = 0
+    paths: dict = {}
+    try:
+        for cell in cells:
+            handle.update(intervention=cell.intervention)
+            bar.set_description(cell.name[:40])
+            for d, bench in datasets:
+                items = samples[bench.name]
+                for start in range(0, len(items), gen.batch_size):
+                    chunk = [s for s in items[start:start + gen.batch_size]
+                             if (cell.id, bench.name, s.sample_id) not in store.done]
+                    if not chunk:
+                        continue
+                    records = _run_batch(model, processor, handle, cfg, cell, d, bench.name, chunk,
+                                         _batch_seed(gen.seed, cell.id, bench.name, start))
+                    store.append(records)
+                    new_records += len(records)
+                    bar.update(len(records))
+            paths = write_summary(summarize(store.load(), cells, names), out)
+    finally:
+        bar.close()
+        handle.remove()
+    summary = summarize(store.load(), cells, names)
+    paths = write_summary(summary, out)
+    paths["results"] = results_path
+    return SweepResult(summary, paths, new_records, out)
+
+
+def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: DatasetConfig, dataset: str, chunk,
+               seed: int) -> list[dict]:
+    gen = cfg.generation
+    requests = [Request(_prompt_of(s, d), s.load_images(), d.system) for s in chunk]
+    metrics = [{} for _ in chunk]
+    t0 = time.perf_counter()
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
+                  top_p=gen.top_p, seed=seed)
+    if cfg.attention_metrics:
+        boxes = [[(0, box) for box in s.bbox] if s.bbox else [] for s in chunk]
+        sizes = [(im.height, im.width) for r in requests for im in r.images]
+        handle.set_target(boxes=boxes, images=sizes) if any(boxes) else handle.set_target(None)
+        with capture(model) as rec:
+            outs = generate_batch(model, processor, requests, **kwargs)
+        metrics = _attention_metrics(rec, chunk)
+        handle.set_target(None)
+    else:
+        outs = generate_batch(model, processor, requests, **kwargs)
+    seconds = (time.perf_counter() - t0) / len(chunk)
+    records = []
+    for s, o, m in zip(chunk, outs, metrics):
+        res = score(s, o.text)
+        records.append({"cell": cell.id, "dataset": dataset, **s.to_record(), "prediction": o.text,
+                        "extracted": res.extracted, "correct": res.correct, "method": res.method,
+                        "n_tokens": len(o.token_ids), "seconds": round(seconds, 4), **m})
+    return records

@@ -1,0 +1,74 @@
+"""`attn-mod sweep CONFIG.yaml` and `attn-mod eval --model PATH --data FILE [--preset avar --alpha A --beta B]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import load_config
+from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip samples and cells already in OUTPUT_DIR/results.jsonl (default); "
+                        "--no-resume deletes them and starts over")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each dataset")
+    p.add_argument("--output-dir", default=None, help="override output_dir of the config")
+    p.add_argument("--device", default=None, help="override device of the config (cpu, cuda, cuda:1 ...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local HF model directory, or tiny:qwen2_5_vl / tiny:qwen3_vl")
+    p.add_argument("--data", action="append", required=True, help="benchmark file or folder (repeatable)")
+    p.add_argument("--preset", default="avar", choices=["avar", "pai", "vaf", "identity"])
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--raw", action="store_true", help="AVAR without renormalisation (literal element-wise)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the unpatched model (default)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"])
+    p.add_argument("--attention-metrics", action="store_true", help="record VAS / target attention per sample")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _print_result(result) -> None:
+    print(result.paths["markdown"].read_text())
+    print(f"results: {result.paths['results']} ({result.new_records} new rows)")
+    for key, path in sorted(result.paths.items()):
+        if key.startswith("heatmap"):
+            print(f"heatmap: {path}")
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
+    cfg = load_config(SweepConfig, args.config, overrides=overrides)
+    _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .sweep import run_sweep
+
+    params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta)) if v is not None}
+    if args.preset == "avar" and args.raw:
+        params["renorm"] = False
+    cells = [] if args.preset == "identity" else [CellConfig(preset=args.preset, params=params)]
+    cfg = SweepConfig(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                      datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
+                      include_baseline=args.baseline or args.preset == "identity",
+                      generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+                      attention_metrics=args.attention_metrics, output_dir=args.out)
+    cfg.validate()
+    _print_result(run_sweep(cfg, limit=args.limit, progress=not args.no_progress))
+    return 0
+

@@ -1,0 +1,176 @@
+"""End-to-end sweeps on a tiny saved model and a generated local TSV: files, consistency, resume, retune."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import attn_mod
+from attn_mod.cli import main as cli_main
+from attn_mod.config import ConfigError, from_dict, load_config
+from attn_mod.eval import sweep as sweep_mod
+from attn_mod.eval.datasets import load_benchmark, make_synthetic_benchmark
+from attn_mod.eval.generation import Request, generate_batch
+from attn_mod.eval.results import ResultStore
+from attn_mod.eval.sweep import run_sweep
+from attn_mod.eval.sweep_config import Cell, SweepConfig
+from attn_mod.loading import load_model
+from attn_mod.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    model_dir = save_tiny("qwen2_5_vl", root / "model")
+    tsv = make_synthetic_benchmark(root / "bench.tsv", n=6, seed=1)
+    return root, model_dir, tsv
+
+
+def config(root, model_dir, tsv, out, **kw):
+    data = dict(model=str(model_dir), datasets=[{"path": str(tsv), "name": "synth"}],
+                grid={"preset": "avar", "alpha": [0.0, 0.5], "beta": [0.0, 0.5]},
+                generation={"max_new_tokens": 4, "batch_size": 4}, output_dir=str(root / out))
+    data.update(kw)
+    return from_dict(SweepConfig, data)
+
+
+def keys_and_predictions(path):
+    rows = [json.loads(line) for line in open(path)]
+    return rows, {(r["cell"], r["dataset"], r["sample_id"]): r["prediction"] for r in rows}
+
+
+def test_sweep_end_to_end_files_consistent(workspace):
+    root, model_dir, tsv = workspace
+    cfg = config(root, model_dir, tsv, "full", attention_metrics=True)
+    res = run_sweep(cfg, progress=False)
+    rows, preds = keys_and_predictions(res.paths["results"])
+    assert len(rows) == len(preds) == 5 * 6  # baseline + 2x2 cells, 6 samples, no duplicates
+    assert {r["cell"] for r in rows} == {c.id for c in cfg.build_cells()}
+    # summary accuracies recomputed from the JSONL rows
+    for row in res.summary["rows"]:
+        mine = [r for r in rows if r["cell"] == row["cell"]]
+        assert row["n"] == 6 and row["accuracy"] == pytest.approx(sum(r["correct"] for r in mine) / 6)
+        vals = [r["vas"] for r in mine if r["vas"] is not None]
+        assert vals and row["vas"] == pytest.approx(sum(vals) / len(vals))
+    assert all("target_a" in r for r in rows if r["bbox"])  # synthetic rows carry boxes
+    assert any(r["target_a"] is not None for r in rows if r["bbox"])
+    md = res.paths["markdown"].read_text()
+    assert "identity (baseline)" in md and "**" in md and "mean VAS" in md
+    csv_lines = res.paths["csv"].read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 5
+    heat = Image.open(res.paths["heatmap_synth"])
+    assert heat.size[0] > 200 and heat.size[1] > 200 and np.asarray(heat.convert("L")).std() > 5
+    js = json.loads(res.paths["json"].read_text())
+    assert js["baseline"] == "identity" and js["best"]["synth"] in js["cells"]
+    # the intervention really changes attention: VAS grows with alpha
+    vas = {r["cell"]: r["vas"] for r in res.summary["rows"]}
+    assert vas["avar(alpha=0.5,beta=0.5)"] > vas["identity"]
+
+
+def test_kill_and_resume_gives_same_results(workspace, monkeypatch):
+    root, model_dir, tsv = workspace
+    clean = run_sweep(config(root, model_dir, tsv, "clean"), progress=False)
+    _, want = keys_and_predictions(clean.paths["results"])
+
+    calls = {"n": 0}
+    real = sweep_mod.generate_batch
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "generate_batch", flaky)
+    cfg = config(root, model_dir, tsv, "crash")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, progress=False)
+    partial, _ = keys_and_predictions(root / "crash" / "results.jsonl")
+    assert 0 < len(partial) < 30
+    # a torn final line (crash mid-write) is dropped on resume
+    with open(root / "crash" / "results.jsonl", "a") as f:
+        f.write('{"cell": "identity", "data')
+    monkeypatch.setattr(sweep_mod, "generate_batch", real)
+    with pytest.warns(UserWarning, match="torn line"):
+        resumed = run_sweep(cfg, progress=False)
+    assert resumed.new_records == 30 - len(partial)
+    rows, got = keys_and_predictions(resumed.paths["results"])
+    assert len(rows) == len(got) == 30 and got == want
+    # running again does nothing
+    assert run_sweep(cfg, progress=False).new_records == 0
+
+
+def test_retune_equals_fresh_patch(workspace):
+    root, model_dir, tsv = workspace
+    res = run_sweep(config(root, model_dir, tsv, "full2"), progress=False)
+    rows, _ = keys_and_predictions(res.paths["results"])
+    cell = Cell.make("avar", {"alpha": 0.5, "beta": 0.5})
+    model, proc = load_model(model_dir)
+    attn_mod.patch(model, proc, intervention=cell.intervention)
+    bench = list(load_benchmark(tsv, name="synth"))
+    from attn_mod.eval.prompts import build_prompt
+
+    outs = generate_batch(model, proc, [Request(build_prompt(s), s.load_images()) for s in bench], max_new_tokens=4)
+    sweep_preds = {r["sample_id"]: r["prediction"] for r in rows if r["cell"] == cell.id}
+    assert {s.sample_id: o.text for s, o in zip(bench, outs)} == sweep_preds
+    base_preds = {r["sample_id"]: r["prediction"] for r in rows if r["cell"] == "identity"}
+    assert base_preds != sweep_preds or all(r["n_tokens"] == 0 for r in rows)
+
+
+def test_config_errors_name_the_key(workspace, tmp_path):
+    root, model_dir, tsv = workspace
+    for bad, match in [
+        ({"grid": {"preset": "pai", "beta": [0.1]}}, "grid key 'beta' does not apply to preset 'pai'"),
+        ({"grid": {"preset": "avar", "alpha": [-0.1]}}, "alpha must be >= 0"),
+        ({"grid": {"preset": "avar", "alpah": [0.1]}}, r"grid.alpah: unknown key"),
+        ({"generation": {"batch_size": 0}}, "batch_size must be >= 1"),
+        ({"datasets": []}, "list at least one benchmark"),
+        ({"cells": [{"preset": "avar", "params": {"gamma": 1}}]}, r"no parameter\(s\) \['gamma'\]"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            config(root, model_dir, tsv, "x", **bad)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"model": str(model_dir), "datasets": [{"path": str(tsv)}], "outptu_dir": "x"}))
+    with pytest.raises(ConfigError, match=r"s.yaml.outptu_dir: unknown key"):
+        load_config(SweepConfig, p)
+
+
+def test_manifest_mismatch_refuses_to_mix(workspace):
+    root, model_dir, tsv = workspace
+    cfg = config(root, model_dir, tsv, "mix", grid=None)
+    run_sweep(cfg, progress=False, limit=2)
+    other = config(root, model_dir, tsv, "mix", grid=None, generation={"max_new_tokens": 2, "batch_size": 4})
+    with pytest.raises(ValueError, match="different sweep.*generation"):
+        run_sweep(other, progress=False, limit=2)
+    assert run_sweep(other, progress=False, limit=2, resume=False).new_records == 2
+
+
+def test_cli_sweep_and_eval(workspace, tmp_path, capsys):
+    root, model_dir, tsv = workspace
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump({"model": str(model_dir), "datasets": [{"path": str(tsv), "name": "synth"}],
+                                 "grid": {"preset": "avar", "alpha": [0.2], "beta": [0.0, 0.4]},
+                                 "generation": {"max_new_tokens": 3}, "output_dir": str(tmp_path / "out")}))
+    assert cli_main(["sweep", str(p), "--limit", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "identity (baseline)" in out and "avar(alpha=0.2,beta=0.4)" in out
+    assert cli_main(["eval", "--model", "tiny:qwen3_vl", "--data", str(tsv), "--alpha", "0.3", "--beta", "0.2",
+                     "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    assert (tmp_path / "ev" / "results.md").exists()
+    assert cli_main(["eval", "--model", str(tmp_path / "nope"), "--data", str(tsv), "--no-progress",
+                     "--out", str(tmp_path / "ev2")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", "tiny:qwen3_vl", "--data", str(tsv), "--alpha", "-1", "--no-progress",
+                     "--out", str(tmp_path / "ev3")]) == 2
+    assert "alpha must be >= 0" in capsys.readouterr().err
+
+
+def test_result_store_refuses_duplicates(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append([{"cell": "a", "dataset": "d", "sample_id": "1", "correct": True}])
+    with pytest.raises(RuntimeError, match="duplicate"):
+        store.append([{"cell": "a", "dataset": "d", "sample_id": "1", "correct": False}])
+    assert ResultStore(tmp_path / "r.jsonl").done == {("a", "d", "1")}

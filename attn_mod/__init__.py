@@ -7,6 +7,7 @@
     rec.mass(-1)[..., attn_mod.TokenCategory.IMAGE]
 """
 
+from . import metrics
 from .capture import Recording, capture
 from .categories import TokenCategory, label_tokens
 from .intervention import Intervention
@@ -29,5 +30,6 @@ __all__ = [
     "capture",
     "category_attention",
     "label_tokens",
+    "metrics",
     "patch",
 ]

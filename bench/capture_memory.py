@@ -1,8 +1,11 @@
 """Peak memory of capturing all-layer attention masses vs eager `output_attentions=True` (CPU).
 
 Each mode runs in a fresh subprocess on a tiny-width Qwen2.5-VL (hidden 64, 4 heads, 2 KV heads,
-`--layers` layers) with one prompt of `--seq` tokens (an image plus filler text). Peak memory is the
-process's resident-set high-water mark (ru_maxrss) after the forward minus the same mark before it.
+`--layers` layers) with one prompt of `--seq` tokens (an image plus filler text). After a warm-up
+forward on the first 256 tokens, peak memory is the process's resident-set high-water mark
+(ru_maxrss) after the full forward minus the same mark before it. Children run with
+MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed tensor memory to the OS (otherwise RSS also
+counts allocator free lists, which grow with the number of chunk-sized allocations).
 
     python bench/capture_memory.py --seq 4096 --layers 4
 
@@ -51,19 +54,26 @@ def child(mode: str, seq: int, layers: int) -> dict:
         batch[key] = batch[key][:, keep]
     if mode == "attn_mod_capture":
         attn_mod.patch(model, proc, backend="torch")
+
+    def forward(inputs):
+        with torch.no_grad():
+            if mode == "attn_mod_capture":
+                with attn_mod.capture(model, layers="all") as rec:
+                    model(**inputs)
+                return sum(rec.mass(layer).numel() * 4 for layer in range(layers))
+            if mode == "eager_output_attentions":
+                out = model(**inputs, output_attentions=True)
+                return sum(a.numel() * a.element_size() for a in out.attentions)
+            model(**inputs)
+            return 0
+
+    # Warm-up on the first 256 tokens (image included): lazily loaded kernels and thread pools are not
+    # counted as the forward's memory.
+    forward({k: (v[:, :256] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+             for k, v in batch.items()})
     before = _maxrss_mib()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if mode == "attn_mod_capture":
-            with attn_mod.capture(model, layers="all") as rec:
-                model(**batch)
-            kept = sum(rec.mass(layer).numel() * 4 for layer in range(layers))
-        elif mode == "eager_output_attentions":
-            out = model(**batch, output_attentions=True)
-            kept = sum(a.numel() * a.element_size() for a in out.attentions)
-        else:
-            model(**batch)
-            kept = 0
+    kept = forward(batch)
     seconds = time.perf_counter() - t0
     return dict(mode=mode, seq=int(batch["input_ids"].shape[1]), layers=layers,
                 peak_delta_mib=round(_maxrss_mib() - before, 1), retained_mib=round(kept / 2**20, 2),
@@ -84,7 +94,10 @@ def main() -> None:
     for mode in MODES:
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--seq", str(args.seq),
                                "--layers", str(args.layers)], capture_output=True, text=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                   # fixed mmap threshold: freed tensors go back to the OS, so RSS tracks
+                                   # live memory instead of glibc's retained free lists
+                                   "MALLOC_MMAP_THRESHOLD_": "65536"})
         if proc.returncode:
             raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

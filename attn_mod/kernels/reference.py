@@ -23,7 +23,7 @@ import torch
 
 from .spec import NUM_CATEGORIES, AttentionOutput, CategoryTransform, check_inputs, default_scale
 
-_CHUNK_ELEMENTS = 1 << 22  # score elements per query chunk (x ~5 temporaries of the compute dtype)
+_CHUNK_ELEMENTS = 1 << 20  # score elements per query chunk (x ~5 temporaries of the compute dtype)
 
 
 def category_attention_reference(

@@ -1,10 +1,11 @@
 """Adapters that run a patched in-process VLM under standard evaluation harnesses.
 
-    from attn_mod.eval.harness import run_lm_eval
+    from attn_mod.eval.harness import run_lm_eval, AttnModVLMEval
 
 - `run_lm_eval` / `make_lm`: lm-evaluation-harness via its `hf-multimodal` model class (lm_eval_adapter).
+- `AttnModVLMEval`: a VLMEvalKit `BaseModel` (vlmevalkit_adapter).
 
-Names resolve lazily: importing this package imports no harness.
+Names resolve lazily: importing this package imports neither lm_eval nor vlmeval.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _EXPORTS = {
     "run_lm_eval": "lm_eval_adapter",
     "make_lm": "lm_eval_adapter",
     "EXAMPLE_TASKS_DIR": "lm_eval_adapter",
+    "AttnModVLMEval": "vlmevalkit_adapter",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,11 +1,12 @@
 """Adapters that run a patched in-process VLM under standard evaluation harnesses.
 
-    from attn_mod.eval.harness import run_lm_eval, AttnModVLMEval
+    from attn_mod.eval.harness import run_lm_eval, AttnModVLMEval, AttnModLMMs
 
 - `run_lm_eval` / `make_lm`: lm-evaluation-harness via its `hf-multimodal` model class (lm_eval_adapter).
 - `AttnModVLMEval`: a VLMEvalKit `BaseModel` (vlmevalkit_adapter).
+- `AttnModLMMs`, `register_with_lmms_eval`: an lmms-eval `lmms` model (lmms_eval_adapter).
 
-Names resolve lazily: importing this package imports neither lm_eval nor vlmeval.
+Names resolve lazily: importing this package imports none of lm_eval, vlmeval or lmms_eval.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ _EXPORTS = {
     "make_lm": "lm_eval_adapter",
     "EXAMPLE_TASKS_DIR": "lm_eval_adapter",
     "AttnModVLMEval": "vlmevalkit_adapter",
+    "AttnModLMMs": "lmms_eval_adapter",
+    "register_with_lmms_eval": "lmms_eval_adapter",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -29,7 +29,7 @@ class Request:
 class Output:
     text: str
     token_ids: list[int]
-    num_prompt_tokens: int
+    num_prompt_tokens: int  # this request's prompt tokens (padding excluded)
 
 
 def chat_messages(req: Request) -> list[dict]:
@@ -46,14 +46,17 @@ def render_prompt(processor, req: Request) -> str:
 def encode_batch(processor, requests: Sequence[Request], device) -> dict:
     """Left-padded processor inputs for `requests` on `device`."""
     tok = getattr(processor, "tokenizer", processor)
-    if getattr(tok, "padding_side", "left") != "left":
-        tok.padding_side = "left"  # decoder-only generation needs left padding
     texts = [render_prompt(processor, r) for r in requests]
     images = [im for r in requests for im in r.images]
     kwargs = dict(text=texts, return_tensors="pt", padding=True)
     if images:
         kwargs["images"] = images
-    batch = processor(**kwargs)
+    side = getattr(tok, "padding_side", "left")
+    tok.padding_side = "left"  # decoder-only generation needs left padding; restored below
+    try:
+        batch = processor(**kwargs)
+    finally:
+        tok.padding_side = side
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
@@ -81,9 +84,10 @@ def generate_batch(model, processor, requests: Sequence[Request], *, max_new_tok
     prompt_len = batch["input_ids"].shape[1]
     tok = getattr(processor, "tokenizer", processor)
     outs = []
-    for row in seqs[:, prompt_len:].tolist():
+    prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+    for row, n_prompt in zip(seqs[:, prompt_len:].tolist(), prompt_tokens):
         ids = _strip_after_eos(row, model.generation_config)
-        outs.append(Output(tok.decode(ids, skip_special_tokens=True).strip(), ids, prompt_len))
+        outs.append(Output(tok.decode(ids, skip_special_tokens=True).strip(), ids, int(n_prompt)))
     return outs
 
 

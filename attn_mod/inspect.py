@@ -128,11 +128,12 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
 
 
 def _finite_mean(values) -> float | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
+    vals = [v for v in values if math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
 
 
 def _clean(x):
+    """NaN / inf -> None (JSON null), recursively."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
@@ -143,16 +144,60 @@ def _clean(x):
 
 
 # -------------------------------------------------------------------------------------------- run
-def run(args) -> int:
-    from . import viz
+def _generate(model, processor, handle, args, image, boxes):
+    """Greedy generate with masses of all layers and per-key answer rows -> (inputs, output, rec, rows)."""
     from .attention_rows import record_rows
     from .capture import capture
-    from .kernels.function import resolve_backend
+    from .regions import target_token_mask
+
+    content = [{"type": "image"}, {"type": "text", "text": args.question}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
+    if boxes:  # a (1, S) token mask from the processor's own image_grid_thw (see set_target in the report)
+        geometry = handle.state.geometry()
+        handle.set_target(target_token_mask(
+            inputs["input_ids"], model.config.image_token_id, inputs["image_grid_thw"], [boxes], [image],
+            merge_size=geometry.merge_size, patch_size=geometry.patch_size, convention=args.box_convention,
+            mm_token_type_ids=inputs.get("mm_token_type_ids")))
+    progress = _progress_criteria(args.max_new_tokens)
+    with torch.no_grad(), capture(model, layers="all") as rec, record_rows(model, layers="all") as rows:
+        gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             stopping_criteria=[progress], output_logits=True, return_dict_in_generate=True)
+    progress.bar.close()
+    return inputs, gen, rec, rows
+
+
+def _token_records(rec, gen, tokenizer, S: int):
+    """Per generated token t, the metrics of the row S-1+t that produced it (last layer), its text and the
+    entropy of its distribution -> (records, answer-row mask (1, Q), entropies (n,))."""
+    from .metrics import per_token_records, token_entropy
+
+    new_ids = gen.sequences[0, S:].tolist()
+    n = len(new_ids)
+    pieces = token_pieces(tokenizer, new_ids)
+    entropy = token_entropy(torch.stack([lg[0] for lg in gen.logits]).float().cpu())  # (n,)
+    Q = rec.query_categories().shape[1]  # S + n - 1 rows: the last token is never fed back
+    answer_rows = torch.zeros(1, Q, dtype=torch.bool)
+    answer_rows[0, S - 1: S - 1 + n] = True
+    tokens_by_row = [[None] * (S - 1) + pieces]
+    entropy_by_row = torch.full((1, Q), float("nan"))
+    entropy_by_row[0, S - 1:] = entropy
+    records = per_token_records(rec, layer=-1, tokens=tokens_by_row, entropy=entropy_by_row, rows=answer_rows)
+    for t, r in enumerate(records):
+        r["step"], r["token_id"] = t, new_ids[t]
+    return records, answer_rows, entropy
+
+
+def run(args) -> int:
+    from . import viz
     from .categories import TARGET
+    from .kernels.function import resolve_backend
     from .loading import load_model
-    from .metrics import per_token_records, token_entropy, vas_from_masses, write_jsonl
+    from .metrics import vas_from_masses, write_jsonl
     from .patch import patch
-    from .regions import box_to_pixels, locate_visual_tokens, target_token_mask
+    from .regions import box_to_pixels, locate_visual_tokens
 
     t_start = time.perf_counter()
     if args.max_new_tokens < 1:
@@ -167,53 +212,22 @@ def run(args) -> int:
     t_loaded = time.perf_counter()
     handle = patch(model, processor, intervention=intervention, backend=args.backend)
     try:
-        content = [{"type": "image"}, {"type": "text", "text": args.question}]
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-            [{"role": "user", "content": content}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
         geometry = handle.state.geometry()
-        image_token_id = model.config.image_token_id
-        if boxes:  # a (1, S) token mask from the processor's own grid (see the report on set_target(boxes=))
-            handle.set_target(target_token_mask(
-                inputs["input_ids"], image_token_id, inputs["image_grid_thw"], [boxes], [image],
-                merge_size=geometry.merge_size, patch_size=geometry.patch_size, convention=args.box_convention,
-                mm_token_type_ids=inputs.get("mm_token_type_ids")))
-        S = inputs["input_ids"].shape[1]
-        progress = _progress_criteria(args.max_new_tokens)
-        t_prepared = time.perf_counter()
-        with torch.no_grad(), capture(model, layers="all") as rec, record_rows(model, layers="all") as rows:
-            gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 stopping_criteria=[progress], output_logits=True, return_dict_in_generate=True)
-        progress.bar.close()
+        inputs, gen, rec, rows = _generate(model, processor, handle, args, image, boxes)
     finally:
         handle.remove()
     t_generated = time.perf_counter()
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    new_ids = gen.sequences[0, S:].tolist()
-    n = len(new_ids)
-    answer = tokenizer.decode(new_ids, skip_special_tokens=True)
-    pieces = token_pieces(tokenizer, new_ids)
-    entropy_steps = token_entropy(torch.stack([lg[0] for lg in gen.logits]).float().cpu())  # (n,)
-
-    # Answer rows: row S-1+t produced token t (rows are KV slots; capture holds S+n-1 of them).
-    qcats = rec.query_categories().cpu()
-    Q = qcats.shape[1]
-    answer_rows = torch.zeros(1, Q, dtype=torch.bool)
-    answer_rows[0, S - 1: S - 1 + n] = True
-    tokens_by_row = [[None] * Q]
-    entropy_by_row = torch.full((1, Q), float("nan"))
-    for t in range(n):
-        tokens_by_row[0][S - 1 + t] = pieces[t]
-        entropy_by_row[0, S - 1 + t] = float(entropy_steps[t])
-    records = per_token_records(rec, layer=-1, tokens=tokens_by_row, entropy=entropy_by_row, rows=answer_rows)
-    for t, r in enumerate(records):
-        r["step"], r["token_id"] = t, new_ids[t]
+    S = inputs["input_ids"].shape[1]
+    records, answer_rows, entropy = _token_records(rec, gen, tokenizer, S)
+    n = len(records)
+    answer = tokenizer.decode([r["token_id"] for r in records], skip_special_tokens=True)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(records, out / "tokens.jsonl")
     (out / "answer.txt").write_text(answer + "\n", encoding="utf-8")
 
+    qcats = rec.query_categories().cpu()
     masses = rec.masses().cpu()  # (L, 1, Hq, Q, C)
     L = masses.shape[0]
     rows_name = "answer (the rows that produced the generated tokens)"
@@ -222,39 +236,38 @@ def run(args) -> int:
     profile = viz.layer_profile(masses, qcats, rows=answer_rows)
     key_cats = rec.categories[0].cpu()
     n_target = int((key_cats[:S] == TARGET).sum())
-    has_target = n_target > 0
-
-    # Pictures.
-    span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), image_token_id,
+    span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
                                                 inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
                                                 mm_token_type_ids=inputs.get("mm_token_type_ids"))
                 if s.sample == 0 and s.index_in_sample == 0)
+
+    # Pictures.
     answer_pos = list(range(S - 1, S - 1 + n))
     short = answer if len(answer) <= 40 else answer[:37] + "..."
-    query = f"answer rows of {n} generated tokens {short!r}, mean over rows and heads"
+    rows_text = f"answer rows of {n} generated tokens"
     draw = dict(merge_size=geometry.merge_size, patch_size=geometry.patch_size, boxes=boxes,
                 box_convention=args.box_convention)
     viz.image_heatmap(rows.attention(-1, positions=answer_pos)[0], span, image, path=out / "heatmap.png",
-                      query=query, layer=f"layer {L - 1} (last)", categories=key_cats, **draw)
+                      query=f"{rows_text} {short!r}, mean over rows and heads", layer=f"layer {L - 1} (last)",
+                      categories=key_cats, **draw)
     viz.image_heatmap_grid({f"layer {layer}": rows.attention(layer, positions=answer_pos)[0] for layer in range(L)},
-                           span, image, path=out / "heatmap_layers.png",
-                           title=f"answer rows of {n} generated tokens, mean over rows and heads", **draw)
-    color_key, color_label = (("a", "target attention a (mean P' per target token, last layer)") if has_target else
+                           span, image, path=out / "heatmap_layers.png", title=f"{rows_text}, mean over rows and heads",
+                           **draw)
+    color_key, color_label = (("a", "target attention a (mean P' per target token, last layer)") if n_target else
                               ("mass_image_all", "image attention (P' on all visual tokens, last layer)"))
     title = f"{Path(args.model).name}, {intervention.describe()}: {args.question}"
     for suffix in ("png", "html"):
-        viz.token_text_figure(pieces, [r[color_key] for r in records], path=out / f"tokens.{suffix}",
-                              label=color_label, title=title, vmin=None)
+        viz.token_text_figure([r["token"] for r in records], [r[color_key] for r in records],
+                              path=out / f"tokens.{suffix}", label=color_label, title=title, vmin=None)
     viz.layer_curves(masses, qcats, rows=answer_rows, path=out / "layers.png",
-                     title=f"answer rows ({n} generated tokens), {intervention.describe()}")
-    series = ({"a (target, per token)": [r["a"] for r in records], "v (image, per token)": [r["v"] for r in records]}
-              if has_target else {"image mass": [r["mass_image_all"] for r in records]})
-    viz.entropy_bins(entropy_steps, {k: torch.tensor(v, dtype=torch.float64) for k, v in _none_to_nan(series).items()},
+                     title=f"{rows_text}, {intervention.describe()}")
+    series = ({"a (target, per token)": "a", "v (image, per token)": "v"} if n_target else
+              {"image mass": "mass_image_all"})
+    viz.entropy_bins(entropy, {label: torch.tensor([r[key] for r in records]) for label, key in series.items()},
                      path=out / "entropy.png", ylabel="attention (last layer)",
                      title=f"attention vs entropy of the {n} generated tokens")
     t_done = time.perf_counter()
 
-    last = {name: profile[name][-1] for name in viz.PROFILE_CATEGORIES}
     metrics = {
         "model": str(args.model),
         "model_type": model.config.model_type,
@@ -274,25 +287,18 @@ def run(args) -> int:
                 "per_layer": vas.per_layer[:, 0].tolist()},
         "vas_share": {"value": vas_share.mean(), "form": vas_share.form, "describe": vas_share.describe(),
                       "per_layer": vas_share.per_layer[:, 0].tolist()},
-        "target_attention": {"layer": L - 1, "a_mean": _finite_mean(r["a"] for r in records),
-                             "v_mean": _finite_mean(r["v"] for r in records),
-                             "R_a_mean": _finite_mean(r["R_a"] for r in records),
-                             "defined": has_target},
-        "mass_shares": {"layer": L - 1, **last},
+        "target_attention": {"layer": L - 1, "defined": n_target > 0,
+                             **{f"{k}_mean": _finite_mean(r[k] for r in records) for k in ("a", "v", "R_a")}},
+        "mass_shares": {"layer": L - 1, **{name: profile[name][-1] for name in viz.PROFILE_CATEGORIES}},
         "mass_shares_per_layer": {name: profile[name] for name in viz.PROFILE_CATEGORIES},
-        "entropy_mean": _finite_mean(entropy_steps.tolist()),
-        "timing_s": {"load": t_loaded - t_start, "prepare": t_prepared - t_loaded, "generate": t_generated - t_prepared,
-                     "outputs": t_done - t_generated, "total": t_done - t_start,
-                     "tokens_per_s": n / max(t_generated - t_prepared, 1e-9)},
+        "entropy_mean": _finite_mean(entropy.tolist()),
+        "timing_s": {"load": t_loaded - t_start, "generate": t_generated - t_loaded, "outputs": t_done - t_generated,
+                     "total": t_done - t_start, "tokens_per_s": n / max(t_generated - t_loaded, 1e-9)},
     }
     (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2) + "\n", encoding="utf-8")
     print(answer)
     print(f"VAS {vas.mean():.4g} ({vas.describe()}); outputs in {out}/")
     return 0
-
-
-def _none_to_nan(series: dict) -> dict:
-    return {k: [float("nan") if v is None else v for v in vals] for k, vals in series.items()}
 
 
 __all__ = ["add_arguments", "build_intervention", "load_image", "run", "token_pieces"]

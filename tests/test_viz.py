@@ -1,5 +1,6 @@
 """Per-key attention rows (operator and capture-time tap) and the pictures of attn_mod.viz."""
 
+import html
 import math
 
 import numpy as np
@@ -204,18 +205,12 @@ def test_token_text_figure_png_and_html(tmp_path):
     assert arr.shape[1] == 1000 and arr.shape[0] > 300  # six newlines: at least seven text lines
     page = viz.token_text_figure(tokens, values, path=tmp_path / "t.html", title="demo", label="a").read_text()
     for tok in set(tokens):
-        assert html_escape(tok.replace("\n", "")) in page
+        assert html.escape(tok.replace("\n", "")) in page
     assert page.count('class="t"') == len(tokens) and page.count("<br>") == 6
     assert "http" not in page and "<script" not in page and "<link" not in page  # self-contained
     assert "background:transparent" in page  # NaN -> no colour
     with pytest.raises(ValueError, match="values"):
         viz.token_text_figure(tokens, values[:-1], path=tmp_path / "x.png")
-
-
-def html_escape(s):
-    import html
-
-    return html.escape(s)
 
 
 def test_layer_profile_and_curves(run, tmp_path):

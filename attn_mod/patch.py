@@ -87,6 +87,9 @@ class PatchState:
         self.target: torch.Tensor | BoxTarget | None = None
         self.forward_id = 0
         self.recorders: list = []
+        # Callables fed the exact operator inputs of every (non-recomputed) attention call:
+        # tap(layer, q, k, cats, transform=, scale=, causal=, row_enable=, head_enable=) (see attn_mod.attention_rows).
+        self.taps: list = []
         self.mass_layers_last: set[int] = set()
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_intervention(intervention)
@@ -197,6 +200,10 @@ class PatchState:
             for rec in self.recorders:
                 if rec._wants(layer):
                     rec._record(layer, res.mass)
+        if self.taps and not recomputing:
+            for tap in self.taps:
+                tap(layer, q, k, cats, transform=transform, scale=scaling, causal=causal, row_enable=row_enable,
+                    head_enable=head_enable)
         return res.out
 
 
@@ -322,6 +329,7 @@ class PatchHandle:
         for module in self.state.attention_modules:
             _BINDINGS.pop(module, None)
         self.state.recorders.clear()
+        self.state.taps.clear()
         self.removed = True
 
     def _check_alive(self) -> None:

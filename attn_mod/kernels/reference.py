@@ -15,15 +15,107 @@ position j <= K - Q + i (bottom-right alignment). Rows with nothing visible give
 
 Differentiable by autograd (outputs, LSE and masses). Query rows are processed in chunks so inference
 memory is O(chunk * K), never O(Q * K).
+
+`category_attention_rows` returns the per-key P'_ij themselves for a few selected query rows (for
+pictures of where a row looks); it runs the same code path, so summing its rows by category gives `mass`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .spec import NUM_CATEGORIES, AttentionOutput, CategoryTransform, check_inputs, default_scale
 
 _CHUNK_ELEMENTS = 1 << 20  # score elements per query chunk (x ~5 temporaries of the compute dtype)
+
+
+class _Prepared(NamedTuple):
+    """Inputs of one operator call laid out for the row passes (GQA groups kept, never expanded)."""
+
+    qg: torch.Tensor  # (B, Hkv, G, Q, D)
+    kc: torch.Tensor  # (B, Hkv, K, D) in the compute dtype
+    enable: torch.Tensor  # (B, Hkv, G, Q, 1) bool: transform applies
+    key_visible: torch.Tensor  # (B, 1, 1, 1, K) bool: category != PAD
+    tables: tuple  # per-key (mul, absw, add, w, log w), each (B, 1, 1, 1, K) or None when trivial
+    renorm: bool
+    scale: float
+    cdtype: torch.dtype
+
+
+def _prepare(q, k, cat, transform, scale, row_enable, head_enable) -> _Prepared:
+    B, Hq, Q, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = default_scale(D) if scale is None else float(scale)
+    transform = CategoryTransform.identity() if transform is None else transform
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    tr = transform.to(dev)
+    cat = cat.to(device=dev, dtype=torch.long)
+    if cat.numel() and (cat.min() < 0 or cat.max() >= NUM_CATEGORIES):
+        raise ValueError(f"key categories must lie in 0..{NUM_CATEGORIES - 1}, got {cat.min().item()}..{cat.max().item()}")
+
+    # Per-key tables, shaped to broadcast against scores (B, Hkv, G, q, K); trivial tables are skipped.
+    def per_key(table):
+        return table.to(cdtype)[cat][:, None, None, None, :]
+
+    mul_k = per_key(tr.mul) if bool((tr.mul != 1).any()) else None
+    absw_k = per_key(tr.absw) if bool((tr.absw != 0).any()) else None
+    add_k = per_key(tr.add) if bool((tr.add != 0).any()) else None
+    w_k = per_key(tr.w) if bool((tr.w != 1).any()) else None
+    logw_k = torch.log(w_k) if w_k is not None and transform.renorm else None  # -inf where w == 0
+
+    enable = torch.ones(B, Hq, Q, dtype=torch.bool, device=dev)
+    if row_enable is not None:
+        enable = enable & row_enable.to(dev, torch.bool)[:, None, :]
+    if head_enable is not None:
+        enable = enable & head_enable.to(dev, torch.bool)[None, :, None]
+    return _Prepared(q.reshape(B, Hkv, G, Q, D), k.to(cdtype), enable.view(B, Hkv, G, Q, 1),
+                     (cat != 0)[:, None, None, None, :], (mul_k, absw_k, add_k, w_k, logw_k), transform.renorm,
+                     scale, cdtype)
+
+
+def _on_enabled(new, old, en, en_all):
+    return new if en_all else torch.where(en, new, old)
+
+
+def _row_pass(pre: _Prepared, rows, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """P' (B, Hkv, G, r, K) and lse (B, Hkv, G, r, 1) of the query rows `rows` (a slice or index tensor into Q)."""
+    Q, K = pre.qg.shape[3], pre.kc.shape[2]
+    cdtype, dev = pre.cdtype, pre.qg.device
+    mul_k, absw_k, add_k, w_k, logw_k = pre.tables
+    en = pre.enable[:, :, :, rows]
+    en_all = bool(en.all())
+    s = pre.scale * torch.einsum("bhgqd,bhkd->bhgqk", pre.qg[:, :, :, rows].to(cdtype), pre.kc)
+    t = s
+    if mul_k is not None or absw_k is not None or add_k is not None:  # s' = mul*s + absw*|s| + add
+        t = s * mul_k if mul_k is not None else s
+        if absw_k is not None:
+            t = t + absw_k * s.abs()
+        if add_k is not None:
+            t = t + add_k
+        t = _on_enabled(t, s, en, en_all)
+    if logw_k is not None:  # renorm: softmax(s' + log w)
+        t = t + _on_enabled(logw_k, torch.zeros((), dtype=cdtype, device=dev), en, en_all)
+    visible = pre.key_visible
+    if causal:
+        row_pos = torch.arange(Q, device=dev)[rows] + (K - Q)
+        visible = visible & (torch.arange(K, device=dev)[None, :] <= row_pos[:, None])
+    ex = t.masked_fill(~visible, float("-inf"))
+    # Safe softmax / log-sum-exp: finite values and gradients even for rows with nothing visible.
+    m = ex.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(ex - m)
+    sumexp = e.sum(dim=-1, keepdim=True)
+    nonempty = sumexp > 0
+    sumexp = torch.where(nonempty, sumexp, torch.ones_like(sumexp))
+    p = e / sumexp
+    if w_k is not None and not pre.renorm:  # raw: P' = w * softmax(s')
+        p = p * _on_enabled(w_k, torch.ones((), dtype=cdtype, device=dev), en, en_all)
+    lse = torch.where(nonempty, m + torch.log(sumexp), torch.full_like(m, float("-inf")))
+    return p, lse
 
 
 def category_attention_reference(
@@ -43,82 +135,23 @@ def category_attention_reference(
     """Category-transformed attention. Shapes and LSE convention: `attn_mod.kernels.spec`."""
     check_inputs(q, k, v, cat, row_enable, head_enable)
     B, Hq, Q, D = q.shape
-    Hkv, K = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    scale = default_scale(D) if scale is None else float(scale)
-    transform = CategoryTransform.identity() if transform is None else transform
+    K = k.shape[2]
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dev = q.device
 
     if Q == 0:
         mass = q.new_zeros(B, Hq, 0, NUM_CATEGORIES, dtype=cdtype) if return_mass else None
         return AttentionOutput(q.new_zeros(B, Hq, 0, D), q.new_zeros(B, Hq, 0, dtype=cdtype), mass)
-    tr = transform.to(dev)
-    cat = cat.to(device=dev, dtype=torch.long)
-    if cat.numel() and (cat.min() < 0 or cat.max() >= NUM_CATEGORIES):
-        raise ValueError(f"key categories must lie in 0..{NUM_CATEGORIES - 1}, got {cat.min().item()}..{cat.max().item()}")
-
-    # Per-key tables, shaped to broadcast against scores (B, Hkv, G, q, K); trivial tables are skipped.
-    def per_key(table):
-        return table.to(cdtype)[cat][:, None, None, None, :]
-
-    mul_k = per_key(tr.mul) if bool((tr.mul != 1).any()) else None
-    absw_k = per_key(tr.absw) if bool((tr.absw != 0).any()) else None
-    add_k = per_key(tr.add) if bool((tr.add != 0).any()) else None
-    w_k = per_key(tr.w) if bool((tr.w != 1).any()) else None
-    logw_k = torch.log(w_k) if w_k is not None and transform.renorm else None  # -inf where w == 0
-    key_visible = (cat != 0)[:, None, None, None, :]
-    key_pos = torch.arange(K, device=dev)
-
-    enable = torch.ones(B, Hq, Q, dtype=torch.bool, device=dev)
-    if row_enable is not None:
-        enable = enable & row_enable.to(dev, torch.bool)[:, None, :]
-    if head_enable is not None:
-        enable = enable & head_enable.to(dev, torch.bool)[None, :, None]
-    enable = enable.view(B, Hkv, G, Q, 1)
-
-    qg = q.reshape(B, Hkv, G, Q, D)
-    kc, vc = k.to(cdtype), v.to(cdtype)
-    onehot = torch.nn.functional.one_hot(cat, NUM_CATEGORIES).to(cdtype) if return_mass else None
-
-    def on_enabled(new, old, en, en_all):
-        return new if en_all else torch.where(en, new, old)
+    pre = _prepare(q, k, cat, transform, scale, row_enable, head_enable)
+    vc = v.to(cdtype)
+    onehot = (torch.nn.functional.one_hot(cat.to(device=q.device, dtype=torch.long), NUM_CATEGORIES).to(cdtype)
+              if return_mass else None)
 
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * K))
     outs, lses, masses = [], [], []
     for r0 in range(0, Q, chunk_size):
-        r1 = min(Q, r0 + chunk_size)
-        en = enable[:, :, :, r0:r1]
-        en_all = bool(en.all())
-        s = scale * torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, r0:r1].to(cdtype), kc)
-        t = s
-        if mul_k is not None or absw_k is not None or add_k is not None:  # s' = mul*s + absw*|s| + add
-            t = s * mul_k if mul_k is not None else s
-            if absw_k is not None:
-                t = t + absw_k * s.abs()
-            if add_k is not None:
-                t = t + add_k
-            t = on_enabled(t, s, en, en_all)
-        if logw_k is not None:  # renorm: softmax(s' + log w)
-            t = t + on_enabled(logw_k, torch.zeros((), dtype=cdtype, device=dev), en, en_all)
-        visible = key_visible
-        if causal:
-            row_pos = torch.arange(r0, r1, device=dev) + (K - Q)
-            visible = visible & (key_pos[None, :] <= row_pos[:, None])
-        ex = t.masked_fill(~visible, float("-inf"))
-        # Safe softmax / log-sum-exp: finite values and gradients even for rows with nothing visible.
-        m = ex.amax(dim=-1, keepdim=True).detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(ex - m)
-        sumexp = e.sum(dim=-1, keepdim=True)
-        nonempty = sumexp > 0
-        sumexp = torch.where(nonempty, sumexp, torch.ones_like(sumexp))
-        p = e / sumexp
-        if w_k is not None and not transform.renorm:  # raw: P' = w * softmax(s')
-            p = p * on_enabled(w_k, torch.ones((), dtype=cdtype, device=dev), en, en_all)
+        p, lse = _row_pass(pre, slice(r0, min(Q, r0 + chunk_size)), causal)
         outs.append(torch.einsum("bhgqk,bhkd->bhgqd", p, vc))
-        lse = torch.where(nonempty, m + torch.log(sumexp), torch.full_like(m, float("-inf")))
         lses.append(lse.squeeze(-1))
         if return_mass:
             masses.append(torch.einsum("bhgqk,bkc->bhgqc", p, onehot))
@@ -127,3 +160,33 @@ def category_attention_reference(
     lse = torch.cat(lses, dim=3).reshape(B, Hq, Q)
     mass = torch.cat(masses, dim=3).reshape(B, Hq, Q, NUM_CATEGORIES) if return_mass else None
     return AttentionOutput(out, lse, mass)
+
+
+def category_attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cat: torch.Tensor,
+    transform: CategoryTransform | None = None,
+    *,
+    rows: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = True,
+    row_enable: torch.Tensor | None = None,
+    head_enable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """P'_ij for the selected query rows: (B, Hq, R, K) fp32 (fp64 for fp64 q); zero on PAD / hidden keys.
+
+    Same arguments as `category_attention_reference` (v is not needed); `rows` (R,) int indices into the
+    Q query rows (row i sits at key position K - Q + i when causal). Memory O(B * Hq * R * K). Summing
+    a row over the keys of category c gives exactly that row's `mass[..., c]` of the operator.
+    """
+    check_inputs(q, k, k, cat, row_enable, head_enable)
+    B, Hq, Q, _ = q.shape
+    K = k.shape[2]
+    rows = torch.as_tensor(rows, dtype=torch.long, device=q.device).reshape(-1)
+    if rows.numel() and (rows.min() < 0 or rows.max() >= Q):
+        raise ValueError(f"rows must index the {Q} query rows (0..{Q - 1}), got {rows.tolist()}")
+    if Q == 0 or rows.numel() == 0:
+        return q.new_zeros(B, Hq, rows.numel(), K, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    p, _ = _row_pass(_prepare(q, k, cat, transform, scale, row_enable, head_enable), rows, causal)
+    return p.reshape(B, Hq, rows.numel(), K)

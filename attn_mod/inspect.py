@@ -1,0 +1,304 @@
+"""`attn-mod inspect`: answer one image question with attention capture; write the answer, metrics and pictures.
+
+    attn-mod inspect MODEL_DIR --image cat.jpg --question "Where is the cat?" --box 10 20 200 180 \\
+        --preset avar --alpha 0.2 --beta 0.5 --out runs/inspect
+
+Writes into --out: answer.txt, metrics.json, tokens.jsonl, heatmap.png (answer-span mean, last layer),
+heatmap_layers.png (one panel per layer), tokens.png / tokens.html, layers.png, entropy.png.
+
+Per generated token t the numbers come from the query row that produced it (the last prompt row for
+t = 0, then the row of token t-1): its attention while choosing token t, and the entropy of the
+distribution token t was chosen from (raw logits, temperature 1). These "answer rows" are the rows of
+every answer metric (VAS, a / v / R_a, mass shares) and of heatmap.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+INTERVENTION_PARAMS = {"avar": ("alpha", "beta", "renorm", "layers"), "pai": ("alpha", "layers"),
+                       "vaf": ("layers",), "identity": ()}  # the CLI flags each preset takes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_PATH",
+                        help="local Hugging Face checkpoint directory of a supported VLM")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--question", required=True, help="the question (user turn text)")
+    parser.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    parser.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"),
+                        help="target region (repeatable; several boxes are unioned); pixels of the original "
+                             "image unless --box-convention says otherwise")
+    parser.add_argument("--box-convention", default="pixel", choices=("pixel", "normalized", "qwen1000"),
+                        help="pixel: original-image pixels; normalized: 0..1; qwen1000: 0..1000 (default pixel)")
+    parser.add_argument("--preset", default="identity", choices=tuple(INTERVENTION_PARAMS),
+                        help="intervention preset (default identity: attention unchanged, measured only)")
+    parser.add_argument("--alpha", type=float, default=None, help="avar: image boost 1+alpha; pai: |s| coefficient")
+    parser.add_argument("--beta", type=float, default=None, help="avar: system weight 1-beta")
+    renorm = parser.add_mutually_exclusive_group()
+    renorm.add_argument("--renorm", dest="renorm", action="store_true", default=None,
+                        help="avar: renormalise the reweighted attention rows (default)")
+    renorm.add_argument("--raw", dest="renorm", action="store_false", help="avar: literal element-wise weights")
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="layers the intervention applies to: indices, 'start:stop' or 'all' (preset default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "flex"))
+    parser.add_argument("--out", default="runs/inspect", help="output directory (created)")
+
+
+# ------------------------------------------------------------------------------------ validation
+def load_image(path):
+    """The image at `path` as RGB PIL (FileNotFoundError / ValueError with the reason)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} does not exist; pass --image PATH to a PNG/JPEG/... file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not an image PIL can decode ({e}); pass a PNG, JPEG, WebP, ... file") from None
+
+
+def parse_layers(values):
+    if values is None:
+        return None
+    if len(values) == 1 and (values[0] == "all" or ":" in values[0]):
+        return values[0]
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--layers takes layer indices, 'start:stop' or 'all', got {' '.join(values)}") from None
+
+
+def build_intervention(args):
+    """The `Intervention` of --preset with the given parameters (the preset's validators raise ValueError)."""
+    from .intervention import Intervention
+
+    given = {"alpha": args.alpha, "beta": args.beta, "renorm": args.renorm, "layers": parse_layers(args.layers)}
+    given = {k: v for k, v in given.items() if v is not None}
+    allowed = INTERVENTION_PARAMS[args.preset]
+    wrong = [k for k in given if k not in allowed]
+    if wrong:
+        flags = ", ".join("--raw/--renorm" if k == "renorm" else f"--{k}" for k in wrong)
+        takes = ", ".join(f"--{k}" for k in allowed) or "no parameters"
+        raise ValueError(f"preset {args.preset!r} does not take {flags} (it takes {takes}); "
+                         "pass --preset avar (alpha, beta) or --preset pai (alpha)")
+    return Intervention.from_preset(args.preset, **given)
+
+
+# ------------------------------------------------------------------------------------- generation
+def _progress_criteria(total: int):
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteria
+
+    class Progress(StoppingCriteria):
+        """Advances a tqdm bar once per generated token; never stops generation."""
+
+        def __init__(self):
+            self.bar = tqdm(total=total, desc="generating", unit="tok", leave=False)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return Progress()
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Text of each generated token: the growth of the decoded prefix (keeps multi-byte characters
+    whole), falling back to the token's own decoding where a prefix ends inside a character."""
+    pieces, prev = [], ""
+    for t in range(len(ids)):
+        text = tokenizer.decode(ids[: t + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        pieces.append(text[len(prev):] if text.startswith(prev) else
+                      tokenizer.decode(ids[t: t + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        prev = text
+    return pieces
+
+
+def _finite_mean(values) -> float | None:
+    vals = [v for v in values if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _clean(x):
+    """NaN / inf -> None (JSON null), recursively."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+# -------------------------------------------------------------------------------------------- run
+def _generate(model, processor, handle, args, image, boxes):
+    """Greedy generate with masses of all layers and per-key answer rows -> (inputs, output, rec, rows)."""
+    from .attention_rows import record_rows
+    from .capture import capture
+    from .regions import target_token_mask
+
+    content = [{"type": "image"}, {"type": "text", "text": args.question}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
+    if boxes:  # a (1, S) token mask from the processor's own image_grid_thw (see set_target in the report)
+        geometry = handle.state.geometry()
+        handle.set_target(target_token_mask(
+            inputs["input_ids"], model.config.image_token_id, inputs["image_grid_thw"], [boxes], [image],
+            merge_size=geometry.merge_size, patch_size=geometry.patch_size, convention=args.box_convention,
+            mm_token_type_ids=inputs.get("mm_token_type_ids")))
+    progress = _progress_criteria(args.max_new_tokens)
+    with torch.no_grad(), capture(model, layers="all") as rec, record_rows(model, layers="all") as rows:
+        gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             stopping_criteria=[progress], output_logits=True, return_dict_in_generate=True)
+    progress.bar.close()
+    return inputs, gen, rec, rows
+
+
+def _token_records(rec, gen, tokenizer, S: int):
+    """Per generated token t, the metrics of the row S-1+t that produced it (last layer), its text and the
+    entropy of its distribution -> (records, answer-row mask (1, Q), entropies (n,))."""
+    from .metrics import per_token_records, token_entropy
+
+    new_ids = gen.sequences[0, S:].tolist()
+    n = len(new_ids)
+    pieces = token_pieces(tokenizer, new_ids)
+    entropy = token_entropy(torch.stack([lg[0] for lg in gen.logits]).float().cpu())  # (n,)
+    Q = rec.query_categories().shape[1]  # S + n - 1 rows: the last token is never fed back
+    answer_rows = torch.zeros(1, Q, dtype=torch.bool)
+    answer_rows[0, S - 1: S - 1 + n] = True
+    tokens_by_row = [[None] * (S - 1) + pieces]
+    entropy_by_row = torch.full((1, Q), float("nan"))
+    entropy_by_row[0, S - 1:] = entropy
+    records = per_token_records(rec, layer=-1, tokens=tokens_by_row, entropy=entropy_by_row, rows=answer_rows)
+    for t, r in enumerate(records):
+        r["step"], r["token_id"] = t, new_ids[t]
+    return records, answer_rows, entropy
+
+
+def run(args) -> int:
+    from . import viz
+    from .categories import TARGET
+    from .kernels.function import resolve_backend
+    from .loading import load_model
+    from .metrics import vas_from_masses, write_jsonl
+    from .patch import patch
+    from .regions import box_to_pixels, locate_visual_tokens
+
+    t_start = time.perf_counter()
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    image = load_image(args.image)
+    boxes = [list(b) for b in (args.box or [])]
+    boxes_px = [box_to_pixels(b, image, args.box_convention) for b in boxes]  # ValueError if outside / inverted
+    intervention = build_intervention(args)
+    out = Path(args.out)
+
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    t_loaded = time.perf_counter()
+    handle = patch(model, processor, intervention=intervention, backend=args.backend)
+    try:
+        geometry = handle.state.geometry()
+        inputs, gen, rec, rows = _generate(model, processor, handle, args, image, boxes)
+    finally:
+        handle.remove()
+    t_generated = time.perf_counter()
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    S = inputs["input_ids"].shape[1]
+    records, answer_rows, entropy = _token_records(rec, gen, tokenizer, S)
+    n = len(records)
+    answer = tokenizer.decode([r["token_id"] for r in records], skip_special_tokens=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(records, out / "tokens.jsonl")
+    (out / "answer.txt").write_text(answer + "\n", encoding="utf-8")
+
+    qcats = rec.query_categories().cpu()
+    masses = rec.masses().cpu()  # (L, 1, Hq, Q, C)
+    L = masses.shape[0]
+    rows_name = "answer (the rows that produced the generated tokens)"
+    vas = replace(vas_from_masses(masses, qcats, rows=answer_rows, form="ratio"), rows=rows_name)
+    vas_share = replace(vas_from_masses(masses, qcats, rows=answer_rows, form="share"), rows=rows_name)
+    profile = viz.layer_profile(masses, qcats, rows=answer_rows)
+    key_cats = rec.categories[0].cpu()
+    n_target = int((key_cats[:S] == TARGET).sum())
+    span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
+                                                inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
+                                                mm_token_type_ids=inputs.get("mm_token_type_ids"))
+                if s.sample == 0 and s.index_in_sample == 0)
+
+    # Pictures.
+    answer_pos = list(range(S - 1, S - 1 + n))
+    short = answer if len(answer) <= 40 else answer[:37] + "..."
+    rows_text = f"answer rows of {n} generated tokens"
+    draw = dict(merge_size=geometry.merge_size, patch_size=geometry.patch_size, boxes=boxes,
+                box_convention=args.box_convention)
+    viz.image_heatmap(rows.attention(-1, positions=answer_pos)[0], span, image, path=out / "heatmap.png",
+                      query=f"{rows_text} {short!r}, mean over rows and heads", layer=f"layer {L - 1} (last)",
+                      categories=key_cats, **draw)
+    viz.image_heatmap_grid({f"layer {layer}": rows.attention(layer, positions=answer_pos)[0] for layer in range(L)},
+                           span, image, path=out / "heatmap_layers.png", title=f"{rows_text}, mean over rows and heads",
+                           **draw)
+    color_key, color_label = (("a", "target attention a (mean P' per target token, last layer)") if n_target else
+                              ("mass_image_all", "image attention (P' on all visual tokens, last layer)"))
+    title = f"{Path(args.model).name}, {intervention.describe()}: {args.question}"
+    for suffix in ("png", "html"):
+        viz.token_text_figure([r["token"] for r in records], [r[color_key] for r in records],
+                              path=out / f"tokens.{suffix}", label=color_label, title=title, vmin=None)
+    viz.layer_curves(masses, qcats, rows=answer_rows, path=out / "layers.png",
+                     title=f"{rows_text}, {intervention.describe()}")
+    series = ({"a (target, per token)": "a", "v (image, per token)": "v"} if n_target else
+              {"image mass": "mass_image_all"})
+    viz.entropy_bins(entropy, {label: torch.tensor([r[key] for r in records]) for label, key in series.items()},
+                     path=out / "entropy.png", ylabel="attention (last layer)",
+                     title=f"attention vs entropy of the {n} generated tokens")
+    t_done = time.perf_counter()
+
+    metrics = {
+        "model": str(args.model),
+        "model_type": model.config.model_type,
+        "question": args.question,
+        "answer": answer,
+        "intervention": {"preset": intervention.name, "describe": intervention.describe(),
+                         "params": {k: (v if isinstance(v, (int, float, bool, str, type(None))) else str(v))
+                                    for k, v in intervention.params.items()},
+                         "backend": resolve_backend(args.backend, model.device), "device": str(model.device),
+                         "dtype": str(model.dtype).removeprefix("torch.")},
+        "box": {"given": boxes, "convention": args.box_convention, "pixels": [list(b) for b in boxes_px],
+                "target_tokens": n_target, "image_tokens": int(span.positions.numel())},
+        "tokens": {"prompt": S, "generated": n},
+        "answer_rows": "the query rows that produced each generated token (last prompt row, then the rows of "
+                       "generated tokens 0..n-2); token metrics at the last layer",
+        "vas": {"value": vas.mean(), "form": vas.form, "describe": vas.describe(),
+                "per_layer": vas.per_layer[:, 0].tolist()},
+        "vas_share": {"value": vas_share.mean(), "form": vas_share.form, "describe": vas_share.describe(),
+                      "per_layer": vas_share.per_layer[:, 0].tolist()},
+        "target_attention": {"layer": L - 1, "defined": n_target > 0,
+                             **{f"{k}_mean": _finite_mean(r[k] for r in records) for k in ("a", "v", "R_a")}},
+        "mass_shares": {"layer": L - 1, **{name: profile[name][-1] for name in viz.PROFILE_CATEGORIES}},
+        "mass_shares_per_layer": {name: profile[name] for name in viz.PROFILE_CATEGORIES},
+        "entropy_mean": _finite_mean(entropy.tolist()),
+        "timing_s": {"load": t_loaded - t_start, "generate": t_generated - t_loaded, "outputs": t_done - t_generated,
+                     "total": t_done - t_start, "tokens_per_s": n / max(t_generated - t_loaded, 1e-9)},
+    }
+    (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2) + "\n", encoding="utf-8")
+    print(answer)
+    print(f"VAS {vas.mean():.4g} ({vas.describe()}); outputs in {out}/")
+    return 0
+
+
+__all__ = ["add_arguments", "build_intervention", "load_image", "run", "token_pieces"]

@@ -25,11 +25,13 @@ from attn_mod.kernels.reference import category_attention_reference
 from attn_mod.kernels.spec import NUM_CATEGORIES, CategoryTransform
 from oracle import naive_attention
 
-# Max abs error allowed against the float64 truth, per dtype (measured maxima are ~5-10x below; see the report).
+# Max abs error allowed against the float64 truth, per dtype. Measured maxima over CASES: fp32 out 2.2e-6,
+# lse 1.8e-6, mass 4.9e-7, grads 2.7e-6; fp16 out 1.6e-3, lse 1.2e-6, mass 4.6e-7, grads 3.7e-3 (fp16 / bf16 grads
+# are rounded to the input dtype; masses keep fp32 accuracy through the hi/lo split of the one-hot dot).
 TOL = {
-    torch.float32: dict(out=2e-5, lse=2e-5, mass=2e-5, grad=2e-4),
-    torch.float16: dict(out=4e-3, lse=1e-4, mass=1e-4, grad=4e-2),
-    torch.bfloat16: dict(out=2e-2, lse=1e-4, mass=1e-4, grad=6e-2),  # interpreter: bf16 I/O (rounding), fp32 dots
+    torch.float32: dict(out=1e-5, lse=1e-5, mass=5e-6, grad=2e-5),
+    torch.float16: dict(out=5e-3, lse=1e-5, mass=5e-6, grad=1.5e-2),
+    torch.bfloat16: dict(out=2e-2, lse=1e-5, mass=5e-6, grad=6e-2),  # interpreter: bf16 I/O (rounding), fp32 dots
 }
 ALL_KINDS = ("mul", "absw", "add", "w")
 
@@ -204,7 +206,7 @@ def test_forward_matches_loop_oracle(renorm):
     torch.testing.assert_close(got.mass.double(), mass, atol=2e-5, rtol=0)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(Q=st.integers(1, 90), K=st.integers(1, 90), causal=st.booleans(), renorm=st.booleans(),
        bm=st.sampled_from([32, 64]), bn=st.sampled_from([32, 64]), G=st.sampled_from([1, 2]),
        seed=st.integers(0, 2**31 - 1))

@@ -2,8 +2,13 @@
 
 `category_attention(q, k, v, cat, transform, ..., backend="auto")` with the shapes of `spec.py`.
 Backends: "torch" (reference.py, exact, CPU default), "triton" (CUDA; CPU only under TRITON_INTERPRET=1),
-"flex" (FlexAttention, independent GPU check). "auto": triton on CUDA, torch otherwise. The
-ATTN_MOD_BACKEND environment variable overrides "auto".
+"flex" (FlexAttention, independent GPU check; forward-only on CPU). "auto": triton on CUDA, torch otherwise.
+The ATTN_MOD_BACKEND environment variable overrides "auto".
+
+The Triton path is one `torch.autograd.Function` (`TritonCategoryAttention`): forward launches
+`triton_fwd.attention_forward` and saves q, k, v, cat, out, lse (and mass), plus the small transform table and
+enable masks; backward launches `triton_bwd.attention_backward`. Gradients flow to q, k, v from out, mass and lse;
+the transform tables get no gradient on this path (use backend="torch" for that).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import os
 import torch
 
 from .reference import category_attention_reference
-from .spec import AttentionOutput, CategoryTransform
+from .spec import NUM_CATEGORIES, AttentionOutput, CategoryTransform, check_inputs, default_scale
 
 BACKENDS = ("auto", "torch", "triton", "flex")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_HEAD_DIM = 256
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -50,4 +57,94 @@ def category_attention(
     kwargs = dict(scale=scale, causal=causal, row_enable=row_enable, head_enable=head_enable, return_mass=return_mass)
     if name == "torch":
         return category_attention_reference(q, k, v, cat, transform, **kwargs)
-    raise NotImplementedError(f"the {name!r} backend is not implemented yet (see the Triton kernels issue); use backend='torch'")
+    if name == "triton":
+        return triton_category_attention(q, k, v, cat, transform, **kwargs)
+    from .flex import flex_category_attention
+
+    return flex_category_attention(q, k, v, cat, transform, **kwargs)
+
+
+class TritonCategoryAttention(torch.autograd.Function):
+    """out, lse, mass = f(q, k, v) with the Triton kernels; differentiable in q, k, v (from out, lse and mass).
+
+    Non-differentiable inputs: cat (B,K) int, tables (5, NUM_CATEGORIES) fp32 (`triton_common.pack_tables`),
+    row_en (B,Q) int8, head_en (Hq,) int8, and the Python flags."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cat, tables, row_en, head_en, scale, causal, transform_on, renorm, return_mass,
+                blocks):
+        from .triton_fwd import attention_forward
+
+        out, lse, mass = attention_forward(q, k, v, cat, tables, row_en, head_en, scale=scale, causal=causal,
+                                           transform_on=transform_on, renorm=renorm, return_mass=return_mass,
+                                           **blocks)
+        ctx.save_for_backward(q, k, v, cat, out, lse, mass, tables, row_en, head_en)
+        ctx.flags = dict(scale=scale, causal=causal, transform_on=transform_on, renorm=renorm, **blocks)
+        ctx.set_materialize_grads(False)
+        return out, lse, mass
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dmass):
+        from .triton_bwd import attention_backward
+
+        q, k, v, cat, out, lse, mass, tables, row_en, head_en = ctx.saved_tensors
+        if dout is None and dlse is None and dmass is None:
+            return (None,) * 13
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward(dout, q, k, v, cat, tables, row_en, head_en, out, lse, mass, dmass, dlse,
+                                        **ctx.flags)
+        return (dq, dk, dv) + (None,) * 10
+
+
+def triton_category_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cat: torch.Tensor,
+    transform: CategoryTransform | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    row_enable: torch.Tensor | None = None,
+    head_enable: torch.Tensor | None = None,
+    return_mass: bool = False,
+    _blocks: dict | None = None,
+) -> AttentionOutput:
+    """The operator on the Triton kernels (same contract as `category_attention_reference`).
+
+    q/k/v must share one dtype among fp16/bf16/fp32 and a head dim <= 256. `_blocks`
+    ({"block_m": .., "block_n": ..}) pins the tile sizes instead of autotuning (tests only)."""
+    check_inputs(q, k, v, cat, row_enable, head_enable)
+    from .triton_common import check_triton_device, pack_tables
+
+    check_triton_device(q)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' needs q, k, v of one dtype among {TRITON_DTYPES}; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype} (use backend='torch' for float64)")
+    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}")
+    transform = CategoryTransform.identity() if transform is None else transform
+    transform.validate()
+    if torch.is_grad_enabled() and any(getattr(transform, n).requires_grad for n in ("mul", "absw", "add", "w")):
+        raise NotImplementedError("backend='triton' computes no gradient for the transform tables (mul/absw/add/w "
+                                  "require grad); use backend='torch', or detach the tables")
+    B, Hq, Q, D = q.shape
+    dev = q.device
+    cat = cat.to(dev)
+    if cat.numel() and bool(((cat < 0) | (cat >= NUM_CATEGORIES)).any()):
+        raise ValueError(f"key categories must lie in 0..{NUM_CATEGORIES - 1}, got {cat.min().item()}..{cat.max().item()}")
+    if cat.dtype == torch.bool:
+        cat = cat.to(torch.int8)
+    if cat.shape[1] and cat.stride(1) != 1:
+        cat = cat.contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    row_en = (torch.ones(B, Q, dtype=torch.int8, device=dev) if row_enable is None
+              else row_enable.to(device=dev, dtype=torch.int8).contiguous())
+    head_en = (torch.ones(Hq, dtype=torch.int8, device=dev) if head_enable is None
+               else head_enable.to(device=dev, dtype=torch.int8).contiguous())
+    scale = default_scale(D) if scale is None else float(scale)
+    out, lse, mass = TritonCategoryAttention.apply(
+        q, k, v, cat, pack_tables(transform, dev), row_en, head_en, scale, bool(causal), not transform.is_identity(),
+        bool(transform.renorm), bool(return_mass), dict(_blocks or {}))
+    return AttentionOutput(out, lse, mass)

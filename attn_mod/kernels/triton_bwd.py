@@ -1,0 +1,415 @@
+"""Triton backward of the category attention operator (FlashAttention-2 style, no atomics).
+
+With upstream dO (B,Hq,Q,D), optional mass gradient g (B,Hq,Q,8) and optional LSE gradient dlse (B,Hq,Q):
+
+    P'_ij  = wpost_ij * exp(x_ij - lse_i),  Phat_ij = exp(x_ij - lse_i)     (x, wpost: triton_common._transform)
+    dP'_ij = dO_i . v_j + g_{c_j}(i)
+    Delta_i = dO_i . o_i + sum_c g_c(i) mass_c(i) - dlse_i                   (`_attn_bwd_preprocess`)
+    dt_ij  = P'_ij dP'_ij - Phat_ij Delta_i    (renorm / identity: Phat = P', i.e. P'(dP' - Delta);
+                                                raw: Phat = P = softmax(t), the unweighted probabilities)
+    ds_ij  = dt_ij * (mul[c] + absw[c] sign(s_ij)) on enabled rows, dt_ij elsewhere
+    dq_i = scale sum_j ds_ij k_j   (`_attn_bwd_dq`: one program per query block, loops over keys)
+    dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P'_ij dO_i, summed over the GROUP query heads of the kv head
+                                   (`_attn_bwd_dkdv`: one program per key block, loops over heads and queries)
+
+Empty rows (lse = -inf) are given lse2 = +inf so every probability of the row is exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common
+from .spec import NUM_CATEGORIES
+from .triton_common import (
+    LOG2E,
+    MASS_WIDTH,
+    _dot_fp32,
+    _key_tables,
+    _transform,
+    block_d,
+    dot_dtype,
+    dot_precision,
+    interpreting,
+    length_bucket,
+)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, LSE, MASS, G, DLSE, DELTA, LSE2,  #
+                         stride_ob, stride_oh, stride_om, stride_od,  #
+                         stride_dob, stride_doh, stride_dom, stride_dod,  #
+                         H_Q, Q_LEN,  #
+                         HEAD_DIM: tl.constexpr,  # D
+                         BLOCK_D: tl.constexpr,  # D padded to a power of two
+                         BLOCK_M: tl.constexpr,  # rows per program
+                         NUM_CAT: tl.constexpr,  # categories (8)
+                         HAS_MASS_GRAD: tl.constexpr,  # add sum_c g_c mass_c
+                         HAS_LSE_GRAD: tl.constexpr,  # subtract dlse
+                         ):
+    """DELTA = rowsum(dO * O) + sum_c G*MASS - DLSE and LSE2 = LSE*log2(e) (+inf for empty rows); (B,Hq,Q) fp32."""
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H_Q
+    off_h = off_bh % H_Q
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < Q_LEN
+    md_in = m_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=md_in, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=md_in, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    rows = off_bh.to(tl.int64) * Q_LEN + offs_m
+    if HAS_MASS_GRAD:
+        offs_c = tl.arange(0, NUM_CAT)
+        mc_ptr = rows[:, None] * NUM_CAT + offs_c[None, :]
+        delta += tl.sum(tl.load(MASS + mc_ptr, mask=m_in[:, None], other=0.0)
+                        * tl.load(G + mc_ptr, mask=m_in[:, None], other=0.0), axis=1)
+    if HAS_LSE_GRAD:
+        delta -= tl.load(DLSE + rows, mask=m_in, other=0.0)
+    lse = tl.load(LSE + rows, mask=m_in, other=0.0)
+    tl.store(DELTA + rows, delta, mask=m_in)
+    tl.store(LSE2 + rows, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), mask=m_in)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, cat, mul, absw, add2, logw2, w, onehot, head_en,  #
+                         q_base, do_base, ROW_EN_b, LSE2_bh, DELTA_bh, G_bh,  #
+                         stride_qm, stride_qd, stride_dom, stride_dod,  #
+                         qk_scale, Q_LEN, causal_offset, offs_n, offs_d, lo, hi,  #
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_CAT: tl.constexpr,  #
+                         MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
+                         RENORM: tl.constexpr, HAS_MASS_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
+                         DOT_PRECISION: tl.constexpr):
+    """Accumulate dk, dv (BLOCK_N, BLOCK_D) of one key block over query rows [lo, hi) of one query head.
+
+    Tiles are transposed (keys x queries) as in the Triton tutorial: key vectors broadcast as [:, None]."""
+    d_in = offs_d < HEAD_DIM
+    offs_c = tl.arange(0, MASS_W)
+    key_visible = (cat != 0)[:, None]
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_in = offs_m < Q_LEN
+        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=m_in[None, :] & d_in[:, None], other=0.0).to(DOT_DTYPE)
+        # rows past Q_LEN get lse2 = +inf, hence probability 0
+        lse2 = tl.load(LSE2_bh + offs_m, mask=m_in, other=float("inf"))
+        en = (tl.load(ROW_EN_b + offs_m, mask=m_in, other=0) != 0) & head_en
+        s2T = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+        xT, wpostT, dtdsT = _transform(s2T, en[None, :], mul[:, None], absw[:, None], add2[:, None],
+                                       logw2[:, None], w[:, None], TRANSFORM, RENORM)
+        visible = key_visible
+        if MASK_CAUSAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
+        xT = tl.where(visible, xT, float("-inf"))
+        phatT = tl.math.exp2(xT - lse2[None, :])
+        if TRANSFORM and not RENORM:
+            ppT = phatT * wpostT
+        else:
+            ppT = phatT
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=m_in[:, None] & d_in[None, :], other=0.0).to(DOT_DTYPE)
+        dv = tl.dot(ppT.to(DOT_DTYPE), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_MASS_GRAD:
+            gT = tl.load(G_bh + offs_m[None, :] * NUM_CAT + offs_c[:, None],
+                         mask=m_in[None, :] & (offs_c[:, None] < NUM_CAT), other=0.0)  # (MASS_W, BLOCK_M)
+            dpT += _dot_fp32(onehot, gT, False, DOT_DTYPE)  # g_{c_j}(i)
+        delta = tl.load(DELTA_bh + offs_m, mask=m_in, other=0.0)
+        dsT = ppT * dpT - phatT * delta[None, :]
+        if TRANSFORM:
+            dsT = dsT * dtdsT
+        dk = tl.dot(dsT.to(DOT_DTYPE), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, DV,  #
+                   sm_scale,  #
+                   stride_qb, stride_qh, stride_qm, stride_qd,  #
+                   stride_kb, stride_kh, stride_kn, stride_kd,  #
+                   stride_vb, stride_vh, stride_vn, stride_vd,  #
+                   stride_dob, stride_doh, stride_dom, stride_dod,  #
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,  #
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,  #
+                   stride_cb,  #
+                   H_Q, H_KV, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,  #
+                   GROUP: tl.constexpr,  # query heads per kv head
+                   HEAD_DIM: tl.constexpr,  # D
+                   BLOCK_D: tl.constexpr,  # D padded to a power of two
+                   BLOCK_M: tl.constexpr,  # query rows per inner step
+                   BLOCK_N: tl.constexpr,  # keys per program
+                   NUM_CAT: tl.constexpr,  # categories (8)
+                   MASS_W: tl.constexpr,  # one-hot width (16)
+                   CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
+                   TRANSFORM: tl.constexpr,  # False: identity, no table math
+                   RENORM: tl.constexpr,  # renormalised (True) or raw (False) weights
+                   HAS_MASS_GRAD: tl.constexpr,  # G holds a mass gradient
+                   DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype
+                   DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+                   ):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H_KV
+    off_hkv = off_bh % H_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_in = offs_n < K_LEN
+    nd_in = n_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=nd_in, other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=nd_in, other=0.0).to(DOT_DTYPE)
+    cat = tl.load(CAT + off_b.to(tl.int64) * stride_cb + offs_n, mask=n_in, other=0).to(tl.int32)
+    mul, absw, add2, logw2, w = _key_tables(TAB, cat, NUM_CAT, TRANSFORM, RENORM)
+    onehot = cat[:, None] == tl.arange(0, MASS_W)[None, :]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+    causal_offset = K_LEN - Q_LEN
+
+    if CAUSAL:
+        # rows [m_lo, m_mid) cross the diagonal of this key block (masked); rows [m_mid, Q_LEN) see all of it
+        m_lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        m_lo = tl.minimum(m_lo, Q_LEN)
+        diag_end = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), Q_LEN)
+        m_mid = m_lo + ((tl.maximum(diag_end - m_lo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        m_mid = 0
+    ROW_EN_b = ROW_EN + off_b * Q_LEN
+    for g in range(GROUP):
+        off_hq = off_hkv * GROUP + g
+        bh = (off_b * H_Q + off_hq).to(tl.int64)
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_hq.to(tl.int64) * stride_qh
+        do_base = DO + off_b.to(tl.int64) * stride_dob + off_hq.to(tl.int64) * stride_doh
+        head_en = tl.load(HEAD_EN + off_hq) != 0
+        if CAUSAL:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, cat, mul, absw, add2, logw2, w, onehot, head_en,  #
+                q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
+                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
+                m_lo, m_mid,  #
+                HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, True, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE,
+                DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, cat, mul, absw, add2, logw2, w, onehot, head_en,  #
+            q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
+            stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
+            m_mid, Q_LEN,  #
+            HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_hkv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=nd_in)
+    tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_hkv.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=nd_in)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, en, lse2, delta, g, offs_m, offs_d,  #
+                       K_ptr, V_ptr, CAT_ptr, TAB,  #
+                       stride_kn, stride_kd, stride_vn, stride_vd,  #
+                       qk_scale, K_LEN, causal_offset, lo, hi,  #
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CAT: tl.constexpr,  #
+                       MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
+                       RENORM: tl.constexpr, HAS_MASS_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
+                       DOT_PRECISION: tl.constexpr):
+    """Accumulate dq (BLOCK_M, BLOCK_D) of one query block over key blocks [lo, hi)."""
+    d_in = offs_d < HEAD_DIM
+    offs_c = tl.arange(0, MASS_W)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_in = offs_n < K_LEN
+        cat = tl.load(CAT_ptr + offs_n, mask=n_in, other=0).to(tl.int32)
+        kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_in[None, :] & d_in[:, None], other=0.0).to(DOT_DTYPE)
+        vT = tl.load(V_ptr + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=n_in[None, :] & d_in[:, None], other=0.0).to(DOT_DTYPE)
+        s2 = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        mul, absw, add2, logw2, w = _key_tables(TAB, cat, NUM_CAT, TRANSFORM, RENORM)
+        x, wpost, dtds = _transform(s2, en[:, None], mul[None, :], absw[None, :], add2[None, :], logw2[None, :],
+                                    w[None, :], TRANSFORM, RENORM)
+        visible = (cat != 0)[None, :]
+        if MASK_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        x = tl.where(visible, x, float("-inf"))
+        phat = tl.math.exp2(x - lse2[:, None])
+        if TRANSFORM and not RENORM:
+            pp = phat * wpost
+        else:
+            pp = phat
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if HAS_MASS_GRAD:
+            onehotT = offs_c[:, None] == cat[None, :]  # (MASS_W, BLOCK_N)
+            dp += _dot_fp32(g, onehotT, True, DOT_DTYPE)  # g_{c_j}(i)
+        ds = pp * dp - phat * delta[:, None]
+        if TRANSFORM:
+            ds = ds * dtds
+        dq = tl.dot(ds.to(DOT_DTYPE), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
+                 sm_scale,  #
+                 stride_qb, stride_qh, stride_qm, stride_qd,  #
+                 stride_kb, stride_kh, stride_kn, stride_kd,  #
+                 stride_vb, stride_vh, stride_vn, stride_vd,  #
+                 stride_dob, stride_doh, stride_dom, stride_dod,  #
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,  #
+                 stride_cb,  #
+                 H_Q, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,  #
+                 GROUP: tl.constexpr,  # query heads per kv head
+                 HEAD_DIM: tl.constexpr,  # D
+                 BLOCK_D: tl.constexpr,  # D padded to a power of two
+                 BLOCK_M: tl.constexpr,  # query rows per program
+                 BLOCK_N: tl.constexpr,  # keys per inner step
+                 NUM_CAT: tl.constexpr,  # categories (8)
+                 MASS_W: tl.constexpr,  # one-hot width (16)
+                 CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
+                 TRANSFORM: tl.constexpr,  # False: identity, no table math
+                 RENORM: tl.constexpr,  # renormalised (True) or raw (False) weights
+                 HAS_MASS_GRAD: tl.constexpr,  # G holds a mass gradient
+                 DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype
+                 DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+                 ):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H_Q
+    off_hq = off_bh % H_Q
+    off_hkv = off_hq // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < Q_LEN
+    md_in = m_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_hq.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=md_in, other=0.0).to(DOT_DTYPE)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_hq.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_in, other=0.0).to(DOT_DTYPE)
+    rows = off_bh.to(tl.int64) * Q_LEN + offs_m
+    lse2 = tl.load(LSE2 + rows, mask=m_in, other=float("inf"))
+    delta = tl.load(DELTA + rows, mask=m_in, other=0.0)
+    en = (tl.load(ROW_EN + off_b * Q_LEN + offs_m, mask=m_in, other=0) != 0) & (tl.load(HEAD_EN + off_hq) != 0)
+    if HAS_MASS_GRAD:
+        offs_c = tl.arange(0, MASS_W)
+        g = tl.load(G + rows[:, None] * NUM_CAT + offs_c[None, :], mask=m_in[:, None] & (offs_c[None, :] < NUM_CAT),
+                    other=0.0)  # (BLOCK_M, MASS_W)
+    else:
+        g = tl.zeros([BLOCK_M, MASS_W], dtype=tl.float32)
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    cat_base = CAT + off_b.to(tl.int64) * stride_cb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+    causal_offset = K_LEN - Q_LEN
+
+    if CAUSAL:
+        diag_lo = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
+        diag_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), K_LEN)
+        diag_lo = tl.minimum(diag_lo, diag_hi)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, en, lse2, delta, g, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, diag_lo,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, en, lse2, delta, g, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, diag_lo, diag_hi,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, True, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+    else:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, en, lse2, delta, g, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, K_LEN,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_hq.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=md_in)
+
+
+def _bwd_configs(big: str, small: str):
+    """Tile configs: the program's own dimension (`big`) is the larger one, as in the tutorial's backward."""
+    configs = [
+        triton.Config({big: b, small: s}, num_stages=st, num_warps=w)
+        for b in (64, 128) for s in (32, 64) for st in (2, 3) for w in (4, 8)
+    ]
+    return [c for c in configs if not (c.kwargs[big] * c.kwargs[small] < 128 * 64 and c.num_warps == 8)]
+
+
+_BWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "RENORM", "HAS_MASS_GRAD",
+                 "DOT_DTYPE"]
+_attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs("BLOCK_N", "BLOCK_M"), key=_BWD_TUNE_KEY)(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs("BLOCK_M", "BLOCK_N"), key=_BWD_TUNE_KEY)(_attn_bwd_dq)
+
+INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
+PREPROCESS_BLOCK_M = 64
+
+
+def backward_launch(do, q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, dmass, dlse, delta, lse2,
+                    dq, dk, dv, *, scale: float, causal: bool, transform_on: bool, renorm: bool):
+    """Launch arguments of the three backward kernels: ((pre_args, pre_meta), (dkdv_args, meta), (dq_args, meta)).
+
+    `meta` lacks BLOCK_M / BLOCK_N (autotuned or pinned by the caller); delta, lse2 (B,Hq,Q) fp32 are outputs of
+    the preprocess kernel; dmass / dlse None mean no gradient reaches mass / lse."""
+    B, Hq, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    has_mass_grad = dmass is not None
+    g = dmass if has_mass_grad else lse  # placeholder pointer when unused
+    bd = block_d(D)
+    pre_args = (out, do, lse, mass if has_mass_grad else lse, g, lse if dlse is None else dlse, delta, lse2,
+                *out.stride(), *do.stride(), Hq, Q)
+    pre_meta = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=PREPROCESS_BLOCK_M, NUM_CAT=NUM_CATEGORIES,
+                    HAS_MASS_GRAD=has_mass_grad, HAS_LSE_GRAD=dlse is not None)
+    ddt = dot_dtype(q.dtype)
+    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=bd, NUM_CAT=NUM_CATEGORIES, MASS_W=MASS_WIDTH,
+                CAUSAL=bool(causal), TRANSFORM=bool(transform_on), RENORM=bool(renorm), HAS_MASS_GRAD=has_mass_grad,
+                DOT_DTYPE=ddt, DOT_PRECISION=dot_precision(ddt))
+    common = (q, k, v, cat, tables, row_enable, head_enable, do, lse2, delta, g)
+    dkdv_args = (*common, dk, dv, float(scale), *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+                 *dv.stride(), cat.stride(0), Hq, Hkv, Q, K, length_bucket(Q), length_bucket(K))
+    dq_args = (*common, dq, float(scale), *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+               cat.stride(0), Hq, Q, K, length_bucket(Q), length_bucket(K))
+    return (pre_args, pre_meta), (dkdv_args, meta), (dq_args, meta)
+
+
+def attention_backward(do, q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, dmass, dlse, *,
+                       scale: float, causal: bool, transform_on: bool, renorm: bool, block_m: int | None = None,
+                       block_n: int | None = None):
+    """Gradients (dq, dk, dv) shaped and typed like (q, k, v).
+
+    do (B,Hq,Q,D) upstream of out; dmass (B,Hq,Q,NUM_CATEGORIES) or None (mass unused); dlse (B,Hq,Q) or None.
+    The other arguments are the forward's inputs and outputs (`triton_fwd.attention_forward`).
+    """
+    B, Hq, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    dq = triton_common.new_output(q.shape, q.dtype, q.device)
+    dk = triton_common.new_output(k.shape, k.dtype, k.device)
+    dv = triton_common.new_output(v.shape, v.dtype, v.device)
+    if B * Hq * Q == 0 or K == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    dmass = None if dmass is None else dmass.to(torch.float32).contiguous()
+    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    delta = triton_common.new_output(lse.shape, torch.float32, lse.device)
+    lse2 = triton_common.new_output(lse.shape, torch.float32, lse.device)
+    (pre_args, pre_meta), (dkdv_args, meta), (dq_args, _) = backward_launch(
+        do, q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, dmass, dlse, delta, lse2, dq, dk, dv,
+        scale=scale, causal=causal, transform_on=transform_on, renorm=renorm)
+    _attn_bwd_preprocess[(triton.cdiv(Q, PREPROCESS_BLOCK_M), B * Hq)](*pre_args, **pre_meta)
+    if block_m is None and not interpreting():
+        _attn_bwd_dkdv_tuned[lambda META: (triton.cdiv(K, META["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
+        _attn_bwd_dq_tuned[lambda META: (triton.cdiv(Q, META["BLOCK_M"]), B * Hq)](*dq_args, **meta)
+    else:
+        bm = block_m or INTERPRETER_BLOCKS["BLOCK_M"]
+        bn = block_n or INTERPRETER_BLOCKS["BLOCK_N"]
+        _attn_bwd_dkdv[(triton.cdiv(K, bn), B * Hkv)](*dkdv_args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        _attn_bwd_dq[(triton.cdiv(Q, bm), B * Hq)](*dq_args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+    return dq, dk, dv
+
+
+__all__ = ["attention_backward", "backward_launch", "LOG2E"]

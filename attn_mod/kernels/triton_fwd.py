@@ -1,0 +1,227 @@
+"""Triton forward of the category attention operator (FlashAttention-2 style; math in reference.py).
+
+One program = BLOCK_M query rows of one (batch, query head). K/V blocks stream through an online softmax in
+fp32 and log2 units (exp2, with scale*log2(e) folded into the scores). Causal: keys left of the block's
+diagonal run unmasked (`_attn_fwd_inner` with MASK_CAUSAL=False), the diagonal band runs masked. PAD comes from
+the key categories (never an N x N mask); out-of-range key/row/head-dim lanes are masked loads.
+
+    q (B, Hq, Q, D), k / v (B, Hkv, K, D) in fp16 / bf16 / fp32, cat (B, K) int, D in {16..256}
+ -> out (B, Hq, Q, D) q.dtype, lse (B, Hq, Q) fp32 natural log (spec.py convention), mass (B, Hq, Q, 8) fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common
+from .spec import NUM_CATEGORIES
+from .triton_common import (
+    LN2,
+    LOG2E,
+    MASS_WIDTH,
+    _dot_fp32,
+    _key_tables,
+    _transform,
+    block_d,
+    dot_dtype,
+    dot_precision,
+    interpreting,
+    length_bucket,
+)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d,  #
+                    K_ptr, V_ptr, CAT_ptr, TAB,  #
+                    stride_kn, stride_kd, stride_vn, stride_vd,  #
+                    qk_scale, K_LEN, causal_offset, lo, hi,  #
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CAT: tl.constexpr,  #
+                    MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
+                    RENORM: tl.constexpr, RETURN_MASS: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
+                    DOT_PRECISION: tl.constexpr):
+    """Fold key blocks [lo, hi) into the running (acc, l_i, m_i, mass_acc) of one query block."""
+    d_in = offs_d < HEAD_DIM
+    offs_c = tl.arange(0, MASS_W)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_in = offs_n < K_LEN
+        # keys past K_LEN load category 0 = PAD, so they are masked like padding
+        cat = tl.load(CAT_ptr + offs_n, mask=n_in, other=0).to(tl.int32)
+        kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_in[None, :] & d_in[:, None], other=0.0)
+        qk = tl.dot(q, kT.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        s2 = qk * qk_scale
+        mul, absw, add2, logw2, w = _key_tables(TAB, cat, NUM_CAT, TRANSFORM, RENORM)
+        x, wpost, dtds = _transform(s2, en[:, None], mul[None, :], absw[None, :], add2[None, :], logw2[None, :],
+                                    w[None, :], TRANSFORM, RENORM)
+        visible = (cat != 0)[None, :]
+        if MASK_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        x = tl.where(visible, x, float("-inf"))
+        # -- online softmax; m_safe keeps exp2 finite while a row has seen nothing visible yet
+        m_ij = tl.maximum(m_i, tl.max(x, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(x - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if TRANSFORM and not RENORM:
+            p = p * wpost  # raw mode: P' = w * P, the denominator stays unweighted
+        v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_in[:, None] & d_in[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        if RETURN_MASS:
+            onehot = cat[:, None] == offs_c[None, :]  # (BLOCK_N, MASS_W); PAD lands in column 0 with p = 0
+            mass_acc = mass_acc * alpha[:, None] + _dot_fp32(p, onehot, True, DOT_DTYPE)
+        m_i = m_ij
+    return acc, l_i, m_i, mass_acc
+
+
+@triton.jit
+def _category_attn_fwd(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
+                       sm_scale,  #
+                       stride_qb, stride_qh, stride_qm, stride_qd,  #
+                       stride_kb, stride_kh, stride_kn, stride_kd,  #
+                       stride_vb, stride_vh, stride_vn, stride_vd,  #
+                       stride_ob, stride_oh, stride_om, stride_od,  #
+                       stride_cb,  #
+                       H_Q, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,  #
+                       GROUP: tl.constexpr,  # query heads per kv head (Hq // Hkv)
+                       HEAD_DIM: tl.constexpr,  # D
+                       BLOCK_D: tl.constexpr,  # D padded to a power of two
+                       BLOCK_M: tl.constexpr,  # query rows per program
+                       BLOCK_N: tl.constexpr,  # keys per inner step
+                       NUM_CAT: tl.constexpr,  # table length (8)
+                       MASS_W: tl.constexpr,  # one-hot width for the mass dot (16)
+                       CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
+                       TRANSFORM: tl.constexpr,  # False: identity everywhere (no table math at all)
+                       RENORM: tl.constexpr,  # renormalised (True) or raw (False) post-softmax weights
+                       RETURN_MASS: tl.constexpr,  # also write MASS
+                       DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype (fp16 / bf16 / fp32)
+                       DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+                       ):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H_Q
+    off_hq = off_bh % H_Q
+    off_hkv = off_hq // GROUP
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_hq.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_hq.to(tl.int64) * stride_oh
+    cat_base = CAT + off_b.to(tl.int64) * stride_cb
+    row_base = off_bh.to(tl.int64) * Q_LEN  # LSE (B, Hq, Q) and MASS (B, Hq, Q, NUM_CAT) are contiguous
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < Q_LEN
+    d_in = offs_d < HEAD_DIM
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_in[:, None] & d_in[None, :], other=0.0).to(DOT_DTYPE)
+    en = (tl.load(ROW_EN + off_b * Q_LEN + offs_m, mask=m_in, other=0) != 0) & (tl.load(HEAD_EN + off_hq) != 0)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    mass_acc = tl.zeros([BLOCK_M, MASS_W], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+
+    causal_offset = K_LEN - Q_LEN  # query row i sits at key position i + causal_offset
+    if CAUSAL:
+        # keys [0, diag_lo) are visible to every row of the block; [diag_lo, diag_hi) need the causal mask
+        diag_lo = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
+        diag_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), K_LEN)
+        diag_lo = tl.minimum(diag_lo, diag_hi)
+        acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, diag_lo,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, RETURN_MASS, DOT_DTYPE, DOT_PRECISION)
+        acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, diag_lo, diag_hi,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, True, TRANSFORM, RENORM, RETURN_MASS, DOT_DTYPE, DOT_PRECISION)
+    else:
+        acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, K_LEN,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, RETURN_MASS, DOT_DTYPE, DOT_PRECISION)
+
+    # epilogue: rows that saw no key (l == 0) give out = 0, mass = 0, lse = -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
+    tl.store(LSE + row_base + offs_m, lse, mask=m_in)
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(Out.dtype.element_ty),
+             mask=m_in[:, None] & d_in[None, :])
+    if RETURN_MASS:
+        offs_c = tl.arange(0, MASS_W)
+        mass = mass_acc / l_safe[:, None]
+        tl.store(MASS + (row_base + offs_m[:, None]) * NUM_CAT + offs_c[None, :], mass,
+                 mask=m_in[:, None] & (offs_c[None, :] < NUM_CAT))
+
+
+def _fwd_configs():
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+        for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)
+    ]
+    # 8 warps only pay off on large tiles (as in the Triton tutorial)
+    return [c for c in configs if not (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 and c.num_warps == 8)]
+
+
+_FWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "RENORM", "RETURN_MASS",
+                 "DOT_DTYPE"]
+_category_attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_TUNE_KEY)(_category_attn_fwd)
+
+INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}  # few, large blocks: interpreter cost ~ programs x steps
+
+
+def forward_launch(q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, *, scale: float, causal: bool,
+                   transform_on: bool, renorm: bool):
+    """(positional args, constexpr meta without BLOCK_M/BLOCK_N) of `_category_attn_fwd`; mass None: no masses."""
+    B, Hq, Q, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    ddt = dot_dtype(q.dtype)
+    args = (q, k, v, cat, tables, row_enable, head_enable, out, lse, lse if mass is None else mass, float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), cat.stride(0),
+            Hq, Q, K, length_bucket(Q), length_bucket(K))
+    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), NUM_CAT=NUM_CATEGORIES, MASS_W=MASS_WIDTH,
+                CAUSAL=bool(causal), TRANSFORM=bool(transform_on), RENORM=bool(renorm), RETURN_MASS=mass is not None,
+                DOT_DTYPE=ddt, DOT_PRECISION=dot_precision(ddt))
+    return args, meta
+
+
+def attention_forward(q, k, v, cat, tables, row_enable, head_enable, *, scale: float, causal: bool,
+                      transform_on: bool, renorm: bool, return_mass: bool, block_m: int | None = None,
+                      block_n: int | None = None):
+    """Launch the forward kernel.
+
+    q (B,Hq,Q,D), k/v (B,Hkv,K,D) with last-dim stride 1; cat (B,K) int with stride 1 along K;
+    tables (5, NUM_CATEGORIES) fp32 from `triton_common.pack_tables`; row_enable (B,Q) int8; head_enable (Hq,)
+    int8, both contiguous. transform_on=False skips all table math (identity). block_m/block_n force a tile
+    size (tests); otherwise the autotuner picks on a GPU and INTERPRETER_BLOCKS are used in the interpreter.
+    Returns out (B,Hq,Q,D) q.dtype, lse (B,Hq,Q) fp32, mass (B,Hq,Q,NUM_CATEGORIES) fp32 or None.
+    """
+    B, Hq, Q, D = q.shape
+    out = triton_common.new_output(q.shape, q.dtype, q.device)
+    lse = triton_common.new_output((B, Hq, Q), torch.float32, q.device)
+    mass = triton_common.new_output((B, Hq, Q, NUM_CATEGORIES), torch.float32, q.device) if return_mass else None
+    if B * Hq * Q == 0:
+        return out, lse, mass
+    args, meta = forward_launch(q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, scale=scale,
+                                causal=causal, transform_on=transform_on, renorm=renorm)
+    if block_m is None and not interpreting():
+        grid = lambda META: (triton.cdiv(Q, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        _category_attn_fwd_tuned[grid](*args, **meta)
+    else:
+        bm = block_m or INTERPRETER_BLOCKS["BLOCK_M"]
+        bn = block_n or INTERPRETER_BLOCKS["BLOCK_N"]
+        _category_attn_fwd[(triton.cdiv(Q, bm), B * Hq)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+    return out, lse, mass
+
+
+__all__ = ["attention_forward", "forward_launch", "LOG2E", "LN2"]

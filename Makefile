@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 EXTRAS  ?= dev,eval
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-gpu demo bench clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# On a CUDA machine: compiled kernels in bf16/fp16/fp32 and FlexAttention (no interpreter).
+test-gpu: $(VENV)/.installed
+	env -u TRITON_INTERPRET $(PY) -m pytest -q -ra tests/test_kernels_cuda.py tests/test_flex_backend.py
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/attn-mod demo --out runs/demo

@@ -12,7 +12,9 @@ LSE convention (what backward needs): for every (row, head), with t = transforme
     lse = logsumexp_j(t_ij + log w[c_j])   if the transform is enabled and renorm
     lse = logsumexp_j(t_ij)                otherwise (raw weights, or identity)
 so that in both modes  P'_ij = w[c_j] * exp(t_ij - lse_i)  (w = 1 for identity rows).
-A row with no visible key of nonzero weight has lse = -inf, out = 0 and mass = 0.
+A row with no visible key has lse = -inf, out = 0 and mass = 0. With renorm, a row whose visible keys all
+have w = 0 is empty too (lse = -inf); in raw mode such a row keeps lse = logsumexp(t) (finite) and gets
+out = 0, mass = 0 because every P' = w * P is 0.
 """
 
 from __future__ import annotations

@@ -80,46 +80,51 @@ def markdown_table(summary: dict) -> str:
 
 
 def heatmaps(summary: dict, out_dir: Path) -> list[Path]:
-    """One PNG per dataset: accuracy over alpha (x) x beta (y) for cells that have both; panels for other axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG per dataset: accuracy (and mean VAS when recorded) over alpha (x) x beta (y) for the cells that
+    have both parameters; one column of panels per value of the other grid axes (renorm, layers)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     paths = []
     for ds in summary["datasets"]:
         rows = [r for r in summary["rows"] if r["dataset"] == ds and "alpha" in r and "beta" in r]
         if not rows:
             continue
+        metrics = [("accuracy", "accuracy %", 100.0, "{:.1f}", "viridis")]
+        if any(r.get("vas") is not None for r in rows):
+            metrics.append(("vas", "mean VAS (ratio form)", 1.0, "{:.2f}", "magma"))
         other = sorted({k for r in rows for k in r if k in ("renorm", "layers")})
         panels = defaultdict(list)
         for r in rows:
             panels[tuple(str(r.get(k)) for k in other)].append(r)
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8), squeeze=False)
-        for ax, (key, prs) in zip(axes[0], sorted(panels.items())):
-            alphas = sorted({r["alpha"] for r in prs})
-            betas = sorted({r["beta"] for r in prs})
-            grid = [[math.nan] * len(alphas) for _ in betas]
-            for r in prs:
-                acc = r["accuracy"]
-                grid[betas.index(r["beta"])][alphas.index(r["alpha"])] = math.nan if acc is None else 100 * acc
-            im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
-            ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-            ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
-            ax.set_xlabel("alpha (image boost)")
-            ax.set_ylabel("beta (system suppression)")
-            for yi, row in enumerate(grid):
-                for xi, val in enumerate(row):
-                    if not math.isnan(val):
-                        ax.text(xi, yi, f"{val:.1f}", ha="center", va="center", color="w", fontsize=9)
-            ax.set_title(", ".join(f"{k}={v}" for k, v in zip(other, key)) or "accuracy %", fontsize=9)
-            fig.colorbar(im, ax=ax, label="accuracy %")
+        fig = Figure(figsize=(4.4 * len(panels) + 1, 3.6 * len(metrics)))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(metrics), len(panels), squeeze=False)
+        for mi, (key, label, factor, fmt, cmap) in enumerate(metrics):
+            for ax, (pkey, prs) in zip(axes[mi], sorted(panels.items())):
+                alphas = sorted({r["alpha"] for r in prs})
+                betas = sorted({r["beta"] for r in prs})
+                grid = [[math.nan] * len(alphas) for _ in betas]
+                for r in prs:
+                    val = r.get(key)
+                    grid[betas.index(r["beta"])][alphas.index(r["alpha"])] = math.nan if val is None else factor * val
+                im = ax.imshow(grid, origin="lower", cmap=cmap, aspect="auto")
+                ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+                ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
+                ax.set_xlabel("alpha (image boost)")
+                ax.set_ylabel("beta (system suppression)")
+                for yi, grow in enumerate(grid):
+                    for xi, val in enumerate(grow):
+                        if not math.isnan(val):
+                            ax.text(xi, yi, fmt.format(val), ha="center", va="center", color="w", fontsize=9,
+                                    bbox=dict(facecolor="black", alpha=0.35, lw=0, pad=1.5))
+                ax.set_title(", ".join(f"{k}={v}" for k, v in zip(other, pkey)) or label, fontsize=9)
+                fig.colorbar(im, ax=ax, label=label)
         base = next((r for r in summary["rows"] if r["dataset"] == ds and r["cell"] == summary["baseline"]), None)
-        fig.suptitle(f"{ds}: accuracy over alpha x beta" + (f" (baseline {_pct(base['accuracy'])}%)" if base else ""))
+        fig.suptitle(f"{ds}: over alpha x beta" + (f" (baseline accuracy {_pct(base['accuracy'])}%)" if base else ""))
         fig.tight_layout()
         path = out_dir / f"heatmap_{_safe(ds)}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
     return paths
 

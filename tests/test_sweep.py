@@ -58,7 +58,11 @@ def test_sweep_end_to_end_files_consistent(workspace):
     assert all("target_a" in r for r in rows if r["bbox"])  # synthetic rows carry boxes
     assert any(r["target_a"] is not None for r in rows if r["bbox"])
     md = res.paths["markdown"].read_text()
-    assert "identity (baseline)" in md and "**" in md and "mean VAS" in md
+    assert "identity (baseline)" in md and "mean VAS" in md
+    base_acc = next(r["accuracy"] for r in res.summary["rows"] if r["cell"] == "identity")
+    best_acc = next(r["accuracy"] for r in res.summary["rows"] if r["cell"] == res.summary["best"]["synth"])
+    bold_rows = [line for line in md.splitlines() if line.startswith("|") and "**" in line]
+    assert (len(bold_rows) == 1) == (best_acc > base_acc) and ("No cell beats the baseline" in md) == (best_acc <= base_acc)
     csv_lines = res.paths["csv"].read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 5
     heat = Image.open(res.paths["heatmap_synth"])

@@ -40,13 +40,16 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
                     row[m] = _mean(r.get(m) for r in recs)
             rows.append(row)
     baseline = next((c.id for c in cells if c.preset == "identity"), None)
-    best = {}
+    best, beats = {}, {}
     for ds in datasets:
         cand = [r for r in rows if r["dataset"] == ds and r["cell"] != baseline and r["accuracy"] is not None]
         if cand:
-            best[ds] = max(cand, key=lambda r: r["accuracy"])["cell"]
-    return {"rows": rows, "best": best, "baseline": baseline, "datasets": list(datasets),
-            "cells": [c.id for c in cells]}
+            top = max(cand, key=lambda r: r["accuracy"])  # first of equals wins: grid order
+            base = next((r["accuracy"] for r in rows if r["dataset"] == ds and r["cell"] == baseline), None)
+            best[ds] = top["cell"]
+            beats[ds] = base is None or top["accuracy"] > base
+    return {"rows": rows, "best": best, "best_beats_baseline": beats, "baseline": baseline,
+            "datasets": list(datasets), "cells": [c.id for c in cells]}
 
 
 def _pct(x) -> str:
@@ -65,7 +68,8 @@ def markdown_table(summary: dict) -> str:
         label = f"{cell} (baseline)" if cell == summary["baseline"] else cell
         cols = [label]
         for d, a in zip(datasets, accs):
-            cols.append(f"**{_pct(a)}**" if summary["best"].get(d) == cell else _pct(a))
+            marked = summary["best"].get(d) == cell and summary["best_beats_baseline"].get(d)
+            cols.append(f"**{_pct(a)}**" if marked else _pct(a))
         cols.append(_pct(_mean(accs)))
         if has_vas:
             v = _mean(by[(cell, d)].get("vas") for d in datasets)
@@ -73,7 +77,11 @@ def markdown_table(summary: dict) -> str:
         lines.append("| " + " | ".join(cols) + " |")
     lines.append("")
     lines.append("Accuracy in %, n per dataset: " + ", ".join(
-        f"{d}={by[(summary['cells'][0], d)]['n']}" for d in datasets) + ". **Bold**: best non-baseline cell per dataset.")
+        f"{d}={by[(summary['cells'][0], d)]['n']}" for d in datasets) + ". **Bold**: best non-baseline cell per dataset"
+                 " when it beats the baseline.")
+    tied = [d for d in datasets if d in summary["best"] and not summary["best_beats_baseline"].get(d)]
+    if tied:
+        lines.append("No cell beats the baseline on: " + ", ".join(tied) + ".")
     if has_vas:
         lines.append("VAS: ratio form mass_img/(mass_sys+1e-6), mean over layers, heads and answer tokens.")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .capture import select_run
 from .intervention import _resolve_indices
 from .kernels.reference import category_attention_rows
 from .patch import patch_state
@@ -79,12 +80,8 @@ class RowRecording:
         return len(self._runs)
 
     def _run(self, run: int):
-        if not self._runs:
-            raise RuntimeError("no attention rows were recorded: run the patched model inside the record_rows block")
-        try:
-            return self._runs[run]
-        except IndexError:
-            raise IndexError(f"run {run} does not exist; {len(self._runs)} run(s) recorded") from None
+        return select_run(self._runs, run,
+                          "no attention rows were recorded: run the patched model inside the record_rows block")
 
     def _layer(self, layer: int) -> int:
         if not -self.num_layers <= layer < self.num_layers:

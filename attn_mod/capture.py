@@ -22,6 +22,16 @@ from .intervention import _resolve_indices
 from .patch import PatchState, patch, patch_state
 
 
+def select_run(runs: list, run: int, empty_message: str):
+    """runs[run] with clear errors for an empty recording or a missing run index."""
+    if not runs:
+        raise RuntimeError(empty_message)
+    try:
+        return runs[run]
+    except IndexError:
+        raise IndexError(f"run {run} does not exist; {len(runs)} run(s) recorded") from None
+
+
 class Recording:
     """Masses recorded by `capture`: per run, per layer, a list of (B, Hq, q, C) chunks (one per forward)."""
 
@@ -55,12 +65,7 @@ class Recording:
         return len(self._runs)
 
     def _run(self, run: int) -> dict[int, list[torch.Tensor]]:
-        if not self._runs:
-            raise RuntimeError("nothing was recorded: run the patched model inside the capture block")
-        try:
-            return self._runs[run]
-        except IndexError:
-            raise IndexError(f"run {run} does not exist; {len(self._runs)} run(s) recorded") from None
+        return select_run(self._runs, run, "nothing was recorded: run the patched model inside the capture block")
 
     def mass(self, layer: int, run: int = -1) -> torch.Tensor:
         """(B, Hq, Q, C) float32 masses of `layer` (negative indices count from the last layer)."""

@@ -148,19 +148,11 @@ def _generate(model, processor, handle, args, image, boxes):
     """Greedy generate with masses of all layers and per-key answer rows -> (inputs, output, rec, rows)."""
     from .attention_rows import record_rows
     from .capture import capture
-    from .regions import target_token_mask
+    from .eval.generation import Request, encode_batch
 
-    content = [{"type": "image"}, {"type": "text", "text": args.question}]
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": content}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
-    if boxes:  # a (1, S) token mask from the processor's own image_grid_thw (see set_target in the report)
-        geometry = handle.state.geometry()
-        handle.set_target(target_token_mask(
-            inputs["input_ids"], model.config.image_token_id, inputs["image_grid_thw"], [boxes], [image],
-            merge_size=geometry.merge_size, patch_size=geometry.patch_size, convention=args.box_convention,
-            mm_token_type_ids=inputs.get("mm_token_type_ids")))
+    inputs = encode_batch(processor, [Request(args.question, [image], args.system)], model.device)
+    if boxes:
+        handle.set_target(boxes=[boxes], images=[image], convention=args.box_convention)
     progress = _progress_criteria(args.max_new_tokens)
     with torch.no_grad(), capture(model, layers="all") as rec, record_rows(model, layers="all") as rows:
         gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import capture
+from ..categories import RESPONSE
 from ..metrics import target_attention, vas
 from ..patch import patch
 from .datasets import Benchmark, load_benchmark
@@ -101,7 +102,7 @@ def _attention_metrics(rec, samples) -> list[dict]:
     """Per-sample VAS (answer rows, all layers) and, when a bbox is set, SAYO target attention a / R_a."""
     v = vas(rec)
     ta = target_attention(rec)
-    resp = rec.query_categories() == 5
+    resp = rec.query_categories() == RESPONSE
     out = []
     for b, s in enumerate(samples):
         row = {"vas": _num(v.value[b])}

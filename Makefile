@@ -3,7 +3,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-EXTRAS  ?= dev,eval
+EXTRAS  ?= dev,eval,train
 
 .PHONY: setup test test-gpu demo bench clean
 

@@ -296,7 +296,8 @@ def _own_sft(state_dict, processor, inputs):
         out = model(**inputs, use_cache=False)
     rows = agto_rows(rec.query_categories(), inputs["labels"])
     agto = agto_losses(rec.masses(), rec.categories, rows)
-    return float(sft_objective(out.loss, agto)), float(agto.loss_img), float(agto.loss_sys), agto
+    total = sft_objective(out.loss, agto).detach()
+    return float(total), float(agto.loss_img.detach()), float(agto.loss_sys.detach()), agto
 
 
 def _sft_args(tmp_path, **kw):
@@ -356,9 +357,10 @@ def test_sft_attention_terms_reach_the_gradient(tmp_path):
 
 
 @pytest.mark.parametrize("setting, fix", [
-    (dict(packing=True), "packing=False"),
-    (dict(padding_free=True), "padding_free=False"),
-    (dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}), "use_reentrant"),
+    (dict(packing=True), r"one padded sequence per row .* set packing=False"),
+    (dict(padding_free=True), r"padded batches with an attention mask: set padding_free=False"),
+    (dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
+     r"reentrant gradient checkpointing .*=\{'use_reentrant': False\}"),
 ])
 def test_sft_refuses_settings_without_masses(tmp_path, setting, fix):
     model, processor = build_tiny("qwen2_5_vl")

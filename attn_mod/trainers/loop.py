@@ -131,9 +131,7 @@ class Recipe:
 
     def _setup_model(self):
         m = self.cfg.model
-        from ..loading import parse_dtype
-
-        dtype = parse_dtype(m.dtype)
+        dtype = getattr(torch, m.dtype)  # validated: float32 | bfloat16 | float16 | float64
         if m.tiny is not None:
             from ..tiny import build_tiny
 
@@ -141,7 +139,8 @@ class Recipe:
         else:
             from ..loading import load_model
 
-            model, processor = load_model(m.path, dtype=m.dtype)
+            model, processor = load_model(m.path)  # checkpoint dtype, then cast below
+            model = model.to(dtype)
         model.train()
         if hasattr(model, "config"):
             model.config.use_cache = False

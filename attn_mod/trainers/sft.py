@@ -1,6 +1,6 @@
 """AVAR attention-guided SFT: LM loss on the assistant tokens + attention losses from the SAME forward.
 
-    L = L_LM + lambda_img * L_img + lambda_sys * L_sys
+    L = L_LM + lambda_img * L_img + lambda_sys * L_sys        (objective.lambda_lm scales L_LM, default 1)
 
 L_LM: mean token cross-entropy over the trained tokens (the last assistant turn with its end-of-turn token;
 `attn_mod.trainers.data`). L_img / L_sys (AGTO, `attn_mod.trainers.losses.agto_losses`): from the masses that
@@ -30,12 +30,13 @@ class SFTObjective:
     heads: Optional[list[int]] = None       # query heads averaged over (None: all)
     query: Literal["response", "prompt"] = "response"
     eps: float = 1e-6
+    lambda_lm: float = 1.0         # weight of L_LM (0: attention losses only, for ablations / direction checks)
 
     def validate(self):
         if isinstance(self.layers, str) and self.layers != "all":
             raise ValueError(f"objective.layers must be 'all' or a list of layer indices, got {self.layers!r}")
-        if self.lambda_img < 0 or self.lambda_sys < 0:
-            raise ValueError("objective.lambda_img and objective.lambda_sys must be >= 0")
+        if min(self.lambda_img, self.lambda_sys, self.lambda_lm) < 0:
+            raise ValueError("objective.lambda_img, lambda_sys and lambda_lm must be >= 0")
         if self.eps <= 0:
             raise ValueError(f"objective.eps must be > 0, got {self.eps}")
 
@@ -79,11 +80,12 @@ class SFTRecipe(Recipe):
         obj = self.cfg.objective
         logits, keep, agto = self.forward(batch)
         loss_lm = lm_loss(logits, batch.labels, keep)
+        weighted_lm = loss_lm if obj.lambda_lm == 1 else obj.lambda_lm * loss_lm
         if agto is None:
             zero = loss_lm.new_zeros(())
-            loss, loss_img, loss_sys, n_img, n_sys = loss_lm, zero, zero, 0, 0
+            loss, loss_img, loss_sys, n_img, n_sys = weighted_lm, zero, zero, 0, 0
         else:
-            loss = self.losses.sft_objective(loss_lm, agto, lambda_img=obj.lambda_img, lambda_sys=obj.lambda_sys)
+            loss = self.losses.sft_objective(weighted_lm, agto, lambda_img=obj.lambda_img, lambda_sys=obj.lambda_sys)
             loss_img, loss_sys, n_img, n_sys = agto.loss_img, agto.loss_sys, agto.samples_img, agto.samples_sys
         components = {"loss_lm": loss_lm, "loss_img": loss_img, "loss_sys": loss_sys}
         metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in components.items()},

@@ -1,13 +1,22 @@
-"""`attn-mod ...` for test subprocesses (plain or under `accelerate launch`), with the losses stand-in if needed."""
+"""`attn-mod ...` for test subprocesses (plain or under `accelerate launch`).
 
+ATTN_MOD_TEST_STEP_SLEEP=seconds slows every optimizer step (so a test can kill a run mid-way)."""
+
+import os
 import sys
-from pathlib import Path
+import time
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if os.environ.get("ATTN_MOD_TEST_STEP_SLEEP"):
+    from attn_mod.trainers.loop import Recipe
 
-from train_helpers import install_losses_standin  # noqa: E402
+    _pause = float(os.environ["ATTN_MOD_TEST_STEP_SLEEP"])
+    _micro = Recipe.micro_batch
 
-install_losses_standin()
+    def _slow_micro(self, step, micro):
+        time.sleep(_pause)
+        return _micro(self, step, micro)
+
+    Recipe.micro_batch = _slow_micro
 
 from attn_mod.cli import main  # noqa: E402
 

@@ -7,15 +7,13 @@ import math
 import pytest
 import torch
 
-from train_helpers import TINY_SFT, install_losses_standin, make_data
+from train_helpers import TINY_SFT, make_data
 
-install_losses_standin()
-
-from attn_mod.categories import IMAGE, PAD, SYSTEM, TARGET  # noqa: E402
-from attn_mod.tiny import build_tiny  # noqa: E402
-from attn_mod.trainers.config import load_train_config  # noqa: E402
-from attn_mod.trainers.data import IGNORE  # noqa: E402
-from attn_mod.trainers.sft import SFTRecipe  # noqa: E402
+from attn_mod.categories import IMAGE, PAD, SYSTEM, TARGET
+from attn_mod.tiny import build_tiny
+from attn_mod.trainers.config import load_train_config
+from attn_mod.trainers.data import IGNORE
+from attn_mod.trainers.sft import SFTRecipe
 
 
 def make_recipe(tmp_path, *overrides, n=8, data_seed=0):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +13,6 @@ from attn_mod.data.samples import write_samples
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SFT = ROOT / "configs" / "train" / "tiny_sft.yaml"
 ENTRY = Path(__file__).resolve().parent / "_train_entry.py"
-
-
-def install_losses_standin() -> None:
-    """Until the objectives branch lands: register tests/_losses_standin.py as attn_mod.trainers.losses."""
-    if importlib.util.find_spec("attn_mod.trainers.losses") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import _losses_standin
-
-        sys.modules["attn_mod.trainers.losses"] = _losses_standin
 
 
 def make_data(folder: Path, n: int = 8, seed: int = 0, *, size=(56, 56), name: str = "train.jsonl",

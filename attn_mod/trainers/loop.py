@@ -34,11 +34,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ..jsonl import append_jsonl
 from ..patch import patch
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .data import Batch, Collator, EncodedDataset, load_train_samples
-from .metrics_log import MetricsLog
 
 VISION_PARAM_KEYS = ("visual.", "vision_tower", "vision_model", "multi_modal_projector")
 
@@ -107,7 +107,7 @@ class Recipe:
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep,
                                          rank=self.accelerator.process_index,
                                          barrier=self.accelerator.wait_for_everyone)
-        self.log = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics_path = self.out / "metrics.jsonl"
         self.setup_objective()
         self._maybe_resume()
         self._write_run_files()
@@ -214,8 +214,11 @@ class Recipe:
         ckpt = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.start_step = ckpt.step
         self.metrics_rows = ckpt.metrics
-        if self.is_main:  # rows a killed run wrote after its last checkpoint are recomputed
-            self.log.rewrite(self.metrics_rows)
+        if self.is_main:  # rows a killed run wrote after its last checkpoint are recomputed: rewrite atomically
+            tmp = self.metrics_path.with_name(".metrics.jsonl.resume")
+            tmp.write_bytes(b"")
+            append_jsonl(tmp, self.metrics_rows)
+            tmp.replace(self.metrics_path)
             print(f"attn-mod train: resumed from {latest} (step {ckpt.step})")
         self.accelerator.wait_for_everyone()
 
@@ -321,7 +324,7 @@ class Recipe:
                    **{k: v for k, v in reduced.items() if k not in self.metric_keys}}
             self.metrics_rows.append(row)
             if self.is_main:
-                self.log.append(row)
+                append_jsonl(self.metrics_path, [row])
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in self.progress_keys if k in row})
                 if self.cfg.logging.print_every and step % self.cfg.logging.print_every == 0:
                     print(json.dumps(row))

@@ -283,21 +283,25 @@ class _RecordingSFT(AttentionSFTTrainer):
         state = {k: v.detach().clone() for k, v in policy_module(model).state_dict().items()}
         self.recorded.append((state, {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                                       for k, v in inputs.items()}))
+        self.items.append(num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def _own_sft(state_dict, processor, inputs):
-    """attn-mod's own SFT objective on one batch: HF's LM loss + agto_losses on captured masses."""
+    """attn-mod's own SFT pieces on one batch: summed next-token CE and its token count, agto_losses on masses."""
     model, _ = build_tiny("qwen2_5_vl")
     model.load_state_dict(state_dict)
     attn_mod.patch(model, processor)
     inputs = {k: v for k, v in inputs.items() if k != "use_cache"}
-    with attn_mod.capture(model) as rec:
-        out = model(**inputs, use_cache=False)
-    rows = agto_rows(rec.query_categories(), inputs["labels"])
+    labels = inputs.pop("labels")
+    with torch.no_grad(), attn_mod.capture(model) as rec:
+        out = model(**inputs, labels=labels, use_cache=False)
+    rows = agto_rows(rec.query_categories(), labels)
     agto = agto_losses(rec.masses(), rec.categories, rows)
-    total = sft_objective(out.loss, agto).detach()
-    return float(total), float(agto.loss_img.detach()), float(agto.loss_sys.detach()), agto
+    shift = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).double(), shift.flatten(),
+                                           ignore_index=-100, reduction="sum")
+    return float(ce), int((shift != -100).sum()), agto
 
 
 def _sft_args(tmp_path, **kw):
@@ -306,24 +310,39 @@ def _sft_args(tmp_path, **kw):
     return trl.SFTConfig(**{**base, **kw})
 
 
-def test_sft_trainer_two_steps_logs_attn_mod_losses(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_sft_trainer_two_steps_logs_attn_mod_losses(tmp_path, accumulation):
+    """Logged loss = L_LM over the step's tokens + 0.15 (L_img + L_sys) averaged over its micro-batches."""
     model, processor = build_tiny("qwen2_5_vl")
     model.train()
     attn_mod.patch(model, processor)
-    trainer = _RecordingSFT(model=model, args=_sft_args(tmp_path), train_dataset=_sft_dataset(),
+    args = _sft_args(tmp_path, per_device_train_batch_size=2 // accumulation, gradient_accumulation_steps=accumulation)
+    trainer = _RecordingSFT(model=model, args=args, train_dataset=_sft_dataset(),
                             processing_class=processor)  # gradient checkpointing on (TRL's default)
-    trainer.recorded = []
+    trainer.recorded, trainer.items = [], []
     assert trainer.args.gradient_checkpointing
     trainer.train()
     logs = [h for h in trainer.state.log_history if "attn/loss_img" in h]
-    assert len(logs) == 2 and len(trainer.recorded) == 2
-    assert not torch.equal(trainer.recorded[0][0]["lm_head.weight"], trainer.recorded[1][0]["lm_head.weight"])
-    for log, (state, inputs) in zip(logs, trainer.recorded):
-        total, l_img, l_sys, agto = _own_sft(state, processor, inputs)
-        assert agto.samples_img == 2 and agto.samples_sys == 2 and l_img > 0 and l_sys < 0
+    assert len(logs) == 2 and len(trainer.recorded) == 2 * accumulation
+    assert not torch.equal(trainer.recorded[0][0]["lm_head.weight"], trainer.recorded[-1][0]["lm_head.weight"])
+    for step, log in enumerate(logs):
+        own = [_own_sft(state, processor, inputs)
+               for state, inputs in trainer.recorded[step * accumulation:(step + 1) * accumulation]]
+        for _, _, agto in own:
+            assert agto.samples_img == agto.samples_sys == 2 // accumulation
+            assert float(agto.loss_img) > 0 and float(agto.loss_sys) < 0
+        l_img = sum(float(a.loss_img) for _, _, a in own) / accumulation
+        l_sys = sum(float(a.loss_sys) for _, _, a in own) / accumulation
+        if trainer.items[step * accumulation] is None:  # Trainer averages the micro-batch losses
+            lm = sum(ce / n for ce, n, _ in own) / accumulation
+        else:  # TRL normalises by the tokens of the whole accumulated batch
+            lm = sum(ce for ce, _, _ in own) / sum(n for _, n, _ in own)
         assert log["attn/loss_img"] == pytest.approx(l_img, rel=1e-4)
         assert log["attn/loss_sys"] == pytest.approx(l_sys, rel=1e-4)
-        assert log["loss"] == pytest.approx(total, rel=1e-4)
+        assert log["loss"] == pytest.approx(lm + 0.15 * l_img + 0.15 * l_sys, rel=1e-4)
+        one = own[0][2]
+        assert float(sft_objective(torch.tensor(lm), one)) == pytest.approx(
+            lm + 0.15 * float(one.loss_img) + 0.15 * float(one.loss_sys))
 
 
 def test_sft_attention_terms_reach_the_gradient(tmp_path):

@@ -554,9 +554,14 @@ if _SFTTrainer is not None:
             rows = agto_rows(rec.query_categories(run), labels, query=self.attn_query)
             agto = agto_losses(rec.masses(run), rec.categories_of(run), rows, heads=self.attn_heads,
                                eps=self.attn_eps)
-            # TRL's loss is normalised by the tokens of the whole accumulated batch; the AGTO terms are per
-            # micro-batch means, so they are averaged over the accumulation steps (as TRL does for its aux loss).
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            # When TRL's loss is normalised by the tokens of the whole accumulated batch (Trainer then does not
+            # divide by the accumulation steps), the per-micro-batch AGTO means are averaged over the steps here,
+            # as TRL does for its MoE aux loss; otherwise Trainer divides the total.
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                    self.compute_loss_func is not None
+            steps = self.current_gradient_accumulation_steps if scaled and model.training else 1
             total = sft_objective(loss * steps, agto, lambda_img=self.attn_lambda_img,
                                   lambda_sys=self.attn_lambda_sys) / steps
             mode = "train" if self.model.training else "eval"

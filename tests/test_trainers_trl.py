@@ -170,6 +170,15 @@ def test_rewards_equal_independent_eager_float64():
     assert math.isfinite(logged["sayo_attention/vas"]) and math.isfinite(logged["sayo_attention/target_attention"])
 
 
+def test_policy_module_unwraps_data_parallel_and_compile():
+    model, processor = build_tiny("qwen2_5_vl")
+    assert policy_module(torch.nn.DataParallel(model)) is model  # DDP / FSDP / DataParallel share `.module`
+    attn_mod.patch(model, processor)
+    assert policy_module(torch.nn.DataParallel(model)) is model
+    compiled = torch.compile(model)  # not run: only the wrapper
+    assert policy_module(compiled) is model
+
+
 def test_reward_through_peft_wrapper_uses_patched_base():
     peft = pytest.importorskip("peft")
     model, processor = build_tiny("qwen2_5_vl")
@@ -221,6 +230,21 @@ def _own_sayo(state_dict, processor, prompt, completion, boxes, temperature):
     return float(R.sayo_attention_reward(rec.mass(-1), rec.categories, ent, pos).values[0])
 
 
+def _own_avar(state_dict, processor, prompt, completion):
+    """attn-mod's own AVAR r_vis for one completion: all layers, rows of the completion tokens."""
+    model, _ = build_tiny("qwen2_5_vl")
+    model.load_state_dict(state_dict)
+    attn_mod.patch(model, processor)
+    inputs, P, _ = _ref_sequence(processor, prompt, completion)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, P:] = inputs["input_ids"][:, P:]
+    with torch.no_grad(), attn_mod.capture(model) as rec:
+        model(**inputs, labels=labels, use_cache=False)
+    pos = labels != -100
+    pos[:, P:] &= R.completion_mask(torch.tensor([completion]), tok_id(processor, "<|im_end|>"))
+    return float(R.avar_visual_reward(rec.masses(), pos, key_cats=rec.categories).values[0])
+
+
 def _vlm_dataset(n_rows=2):
     images = [random_image(56, 84, 11), random_image(84, 56, 12)][:n_rows]
     return datasets.Dataset.from_dict({
@@ -243,8 +267,9 @@ def test_grpo_trainer_two_steps_logs_attn_mod_rewards(tmp_path):
                           max_completion_length=5, temperature=0.9, max_steps=2, logging_steps=1, learning_rate=1e-2,
                           report_to=[], bf16=False, use_cpu=True, save_strategy="no", seed=0,
                           generation_kwargs={"suppress_tokens": suppress})
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward, accuracy], args=args, train_dataset=_vlm_dataset(),
-                              processing_class=processor)
+    avar = AvarVisualReward(model, processor)
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward, accuracy, avar], args=args,
+                              train_dataset=_vlm_dataset(), processing_class=processor)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "rewards/sayo_attention/mean" in h]
     assert len(logs) == 2 and len(reward.calls) == 2
@@ -254,6 +279,9 @@ def test_grpo_trainer_two_steps_logs_attn_mod_rewards(tmp_path):
                for p, c, b in zip(call["prompts"], call["completion_ids"], call["boxes"])]
         assert call["values"] == pytest.approx(own, rel=1e-4, abs=1e-6)
         assert log["rewards/sayo_attention/mean"] == pytest.approx(sum(own) / len(own), rel=1e-4, abs=1e-6)
+        own_avar = [_own_avar(call["state"], processor, p, c) for p, c in zip(call["prompts"], call["completion_ids"])]
+        assert log["rewards/avar_visual/mean"] == pytest.approx(sum(own_avar) / len(own_avar), rel=1e-4)
+        assert log["avar_visual/undefined"] == 0 and all(v > 0 for v in own_avar)
         texts = [c[0]["content"] for c in call["completions"]]
         acc = R.accuracy_reward(texts, call["answer"], ["choice"] * len(texts))
         assert log["rewards/accuracy/mean"] == pytest.approx(sum(acc) / len(acc))

@@ -253,7 +253,7 @@ class _AttentionReward:
     needs_boxes = False
 
     def __init__(self, model: nn.Module, processor, *, micro_batch_size: int = 4, temperature: float = 1.0,
-                 layers="all", heads=None, name: str | None = None, boxes_column: str = "boxes",
+                 name: str | None = None, boxes_column: str = "boxes",
                  box_convention: str = "pixel", box_by: str = "overlap", chat_template_kwargs: dict | None = None,
                  eos_token_id: int | Sequence[int] | None = None):
         if not isinstance(model, nn.Module):
@@ -272,8 +272,6 @@ class _AttentionReward:
         self.processor = processor
         self.micro_batch_size = int(micro_batch_size)
         self.temperature = float(temperature)
-        self.layers = layers
-        self.heads = heads
         self.boxes_column = boxes_column
         self.box_convention = box_convention
         self.box_by = box_by
@@ -296,11 +294,6 @@ class _AttentionReward:
         pad = getattr(tok, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (eos_token_id[0] if isinstance(eos_token_id, list)
                                                              else eos_token_id))
-        from ..intervention import _resolve_indices
-
-        num_layers = len((patch_state(module).adapter if patch_state(module) else get_adapter(module))
-                         .attention_modules(module))
-        self.layer_indices = _resolve_indices(layers, num_layers, "layer", "decoder layers")  # fail now
         self._patched_here = None
 
     # the patched policy ------------------------------------------------------------------------------
@@ -330,15 +323,16 @@ class _AttentionReward:
         return state.labeler(ids, attention_mask=am, mm_token_type_ids=batch.get("mm_token_type_ids"),
                              labels=labels, target_mask=target, options=state.options)
 
-    def _forward(self, module, state, batch: dict, cats: torch.Tensor, layers):
-        """One no-grad teacher-forced pass: (Recording, row_entropy (B, S) on the completion's decision rows)."""
+    def _forward(self, module, state, batch: dict, cats: torch.Tensor):
+        """One no-grad teacher-forced pass: (Recording of all layers (the VAS diagnostic needs them),
+        row_entropy (B, S) on the completion's decision rows)."""
         device = next(module.parameters()).device
         skip = {"completion_positions", "prompt_length", "images", "images_per_prompt"}
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k not in skip}
         S = inputs["input_ids"].shape[1]
         P = batch["prompt_length"]
         keep = S - P + 1  # logits of rows P-1 .. S-1: the decision rows of every completion token
-        with torch.no_grad(), _explicit_categories(state, cats), capture(module, layers=layers) as rec:
+        with torch.no_grad(), _explicit_categories(state, cats), capture(module, layers="all") as rec:
             out = module(**inputs, use_cache=False, logits_to_keep=keep)
         logits = out.logits[:, -keep:]
         row_entropy = torch.zeros((cats.shape[0], S), dtype=torch.float32, device=logits.device)
@@ -369,7 +363,7 @@ class _AttentionReward:
                 boxes = [region_entries(raw_boxes[i], k, f"column {self.boxes_column!r}, completion {i}")
                          for i, k in zip(idx, batch["images_per_prompt"])]
             cats = self._categories(state, batch, boxes)
-            rec, row_entropy = self._forward(module, state, batch, cats, self._capture_layers(state))
+            rec, row_entropy = self._forward(module, state, batch, cats)
             result = self._reward(rec, row_entropy, batch["completion_positions"].to(row_entropy.device))
             values.extend(float(v) for v in result.values.tolist())
             stats["undefined"] += int((~result.defined).sum())
@@ -382,9 +376,6 @@ class _AttentionReward:
                 if vals:
                     log_metric(f"{self.__name__}/{key}", sum(vals) / len(vals))
         return values
-
-    def _capture_layers(self, state):
-        return "all"
 
     @staticmethod
     def _diagnostics(rec, positions: torch.Tensor, stats: dict) -> None:
@@ -407,7 +398,7 @@ class _AttentionReward:
 
 
 class SayoAttentionReward(_AttentionReward):
-    """SAYO r_v per completion (`attn_mod.trainers.rewards.sayo_attention_reward`), last layer.
+    """SAYO r_v per completion (`attn_mod.trainers.rewards.sayo_attention_reward`) at the last layer.
 
     Options: rows "decision" (default) | "emitted"; top_frac 0.3; eps 1e-8; temperature (use GRPOConfig's);
     micro_batch_size; boxes_column "boxes"; box_convention "pixel"; box_by "overlap"; name "sayo_attention".
@@ -437,12 +428,15 @@ class AvarVisualReward(_AttentionReward):
 
     default_name = "avar_visual"
 
-    def __init__(self, model, processor, *, eps: float = AVAR_EPS, **options):
+    def __init__(self, model, processor, *, layers="all", heads=None, eps: float = AVAR_EPS, **options):
         super().__init__(model, processor, **options)
-        self.eps = float(eps)
+        from ..intervention import _resolve_indices
 
-    def _capture_layers(self, state):
-        return "all"  # all layers for the VAS diagnostic; the reward uses self.layers
+        module = policy_module(model)
+        state = patch_state(module)
+        num_layers = len((state.adapter if state is not None else get_adapter(module)).attention_modules(module))
+        self.layer_indices = _resolve_indices(layers, num_layers, "layer", "decoder layers")  # fail now
+        self.heads, self.eps = heads, float(eps)
 
     def _reward(self, rec, row_entropy, positions):
         masses = torch.stack([rec.mass(layer) for layer in self.layer_indices])

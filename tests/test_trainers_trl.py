@@ -8,7 +8,6 @@ import copy
 import math
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -373,6 +372,43 @@ def test_sft_trainer_two_steps_logs_attn_mod_losses(tmp_path, accumulation):
             lm + 0.15 * float(one.loss_img) + 0.15 * float(one.loss_sys))
 
 
+def test_sft_trainer_with_peft_trains_lora_through_the_patched_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, processor = build_tiny("qwen2_5_vl")
+    model.train()
+    attn_mod.patch(model, processor)
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=True)
+    trainer = AttentionSFTTrainer(model=model, args=_sft_args(tmp_path, gradient_checkpointing=False),
+                                  train_dataset=_sft_dataset(), processing_class=processor, peft_config=cfg)
+    assert type(trainer.model).__name__.startswith("Peft") and policy_module(trainer.model) is model
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "attn/loss_img" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["attn/loss_img"]) and math.isfinite(h["attn/loss_sys"])
+                                  for h in logs)
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(lora[n], after[n].detach()) for n in lora)
+
+
+def test_unpatched_policy_is_patched_on_first_call_and_said_so(caplog):
+    model, processor = build_tiny("qwen2_5_vl")
+    twin, _ = build_tiny("qwen2_5_vl")
+    attn_mod.patch(twin, processor)
+    g = torch.Generator().manual_seed(5)
+    prompts = [_prompt(random_image(56, 84, 1))]
+    comps = _random_completions(processor, [4], g)
+    reward = SayoAttentionReward(model, processor)
+    assert policy_module(model) is model
+    with caplog.at_level("WARNING", logger="attn_mod.trainers.trl"):
+        got = reward(prompts=prompts, completion_ids=comps, boxes=[[[0, 0, 28, 28]]])
+    assert "patched it now with the identity intervention" in caplog.text
+    from attn_mod.patch import patch_state
+
+    assert patch_state(model) is not None
+    assert got == pytest.approx(SayoAttentionReward(twin, processor)(prompts=prompts, completion_ids=comps,
+                                                                     boxes=[[[0, 0, 28, 28]]]), rel=1e-5)
+
+
 def test_sft_attention_terms_reach_the_gradient(tmp_path):
     """The returned loss carries d(lambda L_img + lambda L_sys)/dtheta: gradients differ from lambda = 0 exactly by
     the gradient of the AGTO terms computed on their own."""
@@ -423,8 +459,8 @@ def test_sft_refuses_unpatched_and_whole_sequence_loss(tmp_path):
         AttentionSFTTrainer(model=model, args=_sft_args(tmp_path), train_dataset=_sft_dataset(),
                             processing_class=processor)
     attn_mod.patch(model, processor)
-    ds = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"},
-                                                   {"role": "assistant", "content": "A"}]], "image": [random_image(56, 56)]})
+    messages = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}]]
+    ds = datasets.Dataset.from_dict({"messages": messages, "image": [random_image(56, 56)]})
     with pytest.raises(ValueError, match="assistant_only_loss=True"):
         AttentionSFTTrainer(model=model, args=_sft_args(tmp_path), train_dataset=ds, processing_class=processor)
 

@@ -22,7 +22,7 @@ datasets = pytest.importorskip("datasets")
 from attn_mod.trainers import rewards as R  # noqa: E402
 from attn_mod.trainers.losses import agto_losses, agto_rows, sft_objective  # noqa: E402
 from attn_mod.trainers.trl import (AttentionSFTTrainer, AvarVisualReward, SayoAttentionReward,  # noqa: E402
-                                   accuracy, policy_module)
+                                   accuracy, build_completion_batch, policy_module)
 
 SYSTEM_TEXT = "You are a helpful assistant."
 SPECIAL = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|endoftext|>")
@@ -269,11 +269,28 @@ def test_grpo_trainer_two_steps_logs_attn_mod_rewards(tmp_path):
     avar = AvarVisualReward(model, processor)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward, accuracy, avar], args=args,
                               train_dataset=_vlm_dataset(), processing_class=processor)
+    generated = []
+    original = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        out = original(inputs)
+        generated.append({k: out[k].clone() for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")})
+        return out
+
+    trainer._generate_and_score_completions = spy
     trainer.train()
     logs = [h for h in trainer.state.log_history if "rewards/sayo_attention/mean" in h]
     assert len(logs) == 2 and len(reward.calls) == 2
     assert not torch.equal(reward.calls[0]["state"]["lm_head.weight"], reward.calls[1]["state"]["lm_head.weight"])
-    for log, call in zip(logs, reward.calls):
+    for log, call, gen in zip(logs, reward.calls, generated):
+        # the teacher-forced sequence is exactly what TRL generated from and sampled
+        batch = build_completion_batch(processor, call["prompts"], call["completion_ids"],
+                                       pad_token_id=processor.tokenizer.pad_token_id)
+        for b in range(len(call["prompts"])):
+            trl_seq = torch.cat([gen["prompt_ids"][b][gen["prompt_mask"][b].bool()],
+                                 gen["completion_ids"][b][gen["completion_mask"][b].bool()]])
+            ours = batch["input_ids"][b][batch["attention_mask"][b].bool()]
+            assert torch.equal(trl_seq.cpu(), ours)
         own = [_own_sayo(call["state"], processor, p, c, b, 0.9)
                for p, c, b in zip(call["prompts"], call["completion_ids"], call["boxes"])]
         assert call["values"] == pytest.approx(own, rel=1e-4, abs=1e-6)

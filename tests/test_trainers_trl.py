@@ -256,6 +256,7 @@ def _vlm_dataset(n_rows=2):
     })
 
 
+@pytest.mark.slow
 def test_grpo_trainer_two_steps_logs_attn_mod_rewards(tmp_path):
     model, processor = build_tiny("qwen2_5_vl")
     attn_mod.patch(model, processor)
@@ -517,6 +518,7 @@ def test_reward_option_errors_name_the_fix():
                boxes=[[[0, 0, 5, 5]]])
 
 
+@pytest.mark.slow
 def test_import_without_trl():
     code = ("import sys; sys.modules['trl'] = None\n"
             "import attn_mod.trainers.trl as t\n"

@@ -518,6 +518,15 @@ def test_reward_option_errors_name_the_fix():
                boxes=[[[0, 0, 5, 5]]])
 
 
+def test_sharded_parameters_are_refused_with_the_fix():
+    model, processor = build_tiny("qwen2_5_vl")
+    attn_mod.patch(model, processor)
+    reward = SayoAttentionReward(model, processor)
+    next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 puts on its partitioned parameters
+    with pytest.raises(NotImplementedError, match="use DDP or ZeRO-1/2"):
+        reward(prompts=[_prompt(random_image(56, 56))], completion_ids=[[5, 6]])
+
+
 @pytest.mark.slow
 def test_import_without_trl():
     code = ("import sys; sys.modules['trl'] = None\n"

@@ -91,6 +91,16 @@ def policy_module(model: nn.Module) -> nn.Module:
     return chain[-1]
 
 
+def _refuse_sharded(module: nn.Module, who: str) -> None:
+    """The reward's forward runs the local module: parameters sharded by DeepSpeed ZeRO-3 or FSDP2 are not whole."""
+    p = next(module.parameters(), None)
+    sharded = p is not None and (hasattr(p, "ds_id") or type(p.data).__name__ == "DTensor"
+                                 or type(p).__name__ == "DTensor")
+    if sharded:
+        raise NotImplementedError(f"{who} runs a forward of the local policy, whose parameters are sharded "
+                                  "(DeepSpeed ZeRO-3 / FSDP); use DDP or ZeRO-1/2 for attention rewards")
+
+
 def _check_patchable(module: nn.Module, processor, who: str) -> None:
     """Raise before any training step if attn-mod cannot label this model's tokens automatically."""
     state = patch_state(module)
@@ -299,6 +309,7 @@ class _AttentionReward:
     # the patched policy ------------------------------------------------------------------------------
     def _policy(self):
         module = policy_module(self.model)
+        _refuse_sharded(module, self.__name__)
         state = patch_state(module)
         if state is None:
             self._patched_here = patch(module, self.processor)
@@ -526,9 +537,9 @@ if _SFTTrainer is not None:
                 completion_only = getattr(args, "completion_only_loss", None)
                 if completion_only is None:
                     completion_only = "prompt" in sample and "completion" in sample
-                if not completion_only and query == "response":
-                    raise ValueError("AttentionSFTTrainer needs the LM loss on the answer only (its rows are the "
-                                     "attention query rows and the rest keeps its system / text labels): use a "
+                if not completion_only:
+                    raise ValueError("AttentionSFTTrainer needs the LM loss on the answer only (the tokens with "
+                                     "labels are the RESPONSE rows; the rest keeps its system / text labels): use a "
                                      "prompt-completion dataset (completion_only_loss) or assistant_only_loss=True")
             self.attn_lambda_img, self.attn_lambda_sys = float(lambda_img), float(lambda_sys)
             self.attn_layers, self.attn_heads, self.attn_query, self.attn_eps = layers, heads, query, float(eps)

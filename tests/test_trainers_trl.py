@@ -518,6 +518,21 @@ def test_reward_option_errors_name_the_fix():
                boxes=[[[0, 0, 5, 5]]])
 
 
+def test_boxes_column_formats():
+    from attn_mod.trainers.trl import region_entries
+
+    box, other = [1.0, 2.0, 30.0, 40.0], [5, 5, 9, 9]
+    assert region_entries(None, 1, "w") == [] and region_entries([], 2, "w") == []
+    assert region_entries(box, 1, "w") == [(0, tuple(box))]
+    assert region_entries((torch.tensor(box),), 1, "w") == [(0, tuple(box))]
+    assert region_entries([box, other], 1, "w") == [(0, tuple(box)), (0, tuple(map(float, other)))]
+    assert region_entries([[box], [], [other]], 3, "w") == [(0, tuple(box)), (2, tuple(map(float, other)))]
+    with pytest.raises(ValueError, match="one list of boxes per image"):
+        region_entries([box], 2, "column 'boxes', completion 3")
+    with pytest.raises(ValueError, match="x0 < x1"):
+        region_entries([30, 2, 1, 40], 1, "w")
+
+
 def test_sharded_parameters_are_refused_with_the_fix():
     model, processor = build_tiny("qwen2_5_vl")
     attn_mod.patch(model, processor)

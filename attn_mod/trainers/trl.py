@@ -222,11 +222,9 @@ def region_entries(raw, n_images: int, where: str) -> list:
     one list of boxes per image, pixels of the original image."""
     if raw is None:
         return []
-    if isinstance(raw, tuple):
-        raw = list(raw)
+    raw = _lists(raw)
     if isinstance(raw, list) and len(raw) == 4 and all(isinstance(v, (int, float)) for v in raw):
         raw = [raw]  # a single box
-    raw = _lists(raw)
     try:
         boxes = _parse_boxes(raw, n_images, where)
     except SampleFormatError as e:

@@ -200,3 +200,54 @@ def test_two_process_ddp_matches_one_process_same_global_batch(tmp_path):
     w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_shipped_sft_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(TINY_SFT).parent.glob("*.yaml")):
+        import yaml
+
+        if (yaml.safe_load(path.read_text()) or {}).get("recipe", "sft") != "sft":
+            continue
+        cfg = load_train_config(path)
+        assert cfg.recipe == "sft" and cfg.objective is not None
+    cold = load_train_config(Path(TINY_SFT).parent / "avar_coldstart.yaml")
+    assert (cold.optim.lr, cold.data.cutoff, cold.objective.lambda_img, cold.objective.lambda_sys,
+            cold.objective.layers) == (1e-5, 8192, 0.15, 0.15, "all")
+
+
+def test_reference_backward_keeps_o_n_memory_and_exact_gradients():
+    """Under autograd the torch operator recomputes each query chunk in backward: what it saves for backward
+    is O(Q) (no Q x K matrix), and the gradients equal those of the unchunked operator."""
+    from attn_mod.kernels.reference import category_attention_reference
+    from attn_mod.kernels.spec import CategoryTransform
+
+    B, Hkv, G, Q, D = 1, 2, 2, 96, 8
+    q = torch.randn(B, Hkv * G, Q, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, Q, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, Q, D, dtype=torch.float64, requires_grad=True)
+    cat = torch.randint(1, 6, (B, Q))
+    cat[:, :3] = 0
+    tr = CategoryTransform.from_lists(w={3: 1.3, 1: 0.6}, mul={2: 1.1})
+    g_out, g_mass = torch.randn(B, Hkv * G, Q, D, dtype=torch.float64), torch.randn(B, Hkv * G, Q, 8,
+                                                                                   dtype=torch.float64)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    grads = []
+    for chunk in (Q, 8):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            r = category_attention_reference(q, k, v, cat, tr, return_mass=True, chunk_size=chunk)
+        loss = (r.out * g_out).sum() + (r.mass * g_mass).sum()
+        grads.append(torch.autograd.grad(loss, (q, k, v)))
+        if chunk == Q:  # one chunk = no checkpoint: autograd keeps the Hq x Q x K probabilities
+            assert max(saved) >= Hkv * G * Q * Q
+        else:  # checkpointed chunks: nothing of size Hq x Q x K is kept for backward
+            assert max(saved, default=0) < Hkv * G * Q * Q // 4, max(saved)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -135,7 +135,7 @@ class Recipe:
         if m.tiny is not None:
             from ..tiny import build_tiny
 
-            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype)
+            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype, **m.tiny_kwargs)
         else:
             from ..loading import load_model
 

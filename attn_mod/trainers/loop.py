@@ -135,7 +135,7 @@ class Recipe:
         if m.tiny is not None:
             from ..tiny import build_tiny
 
-            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype)
+            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype, **m.tiny_kwargs)
         else:
             from ..loading import load_model
 
@@ -148,8 +148,13 @@ class Recipe:
         for name, p in model.named_parameters():
             if any(key in name for key in frozen):
                 p.requires_grad_(False)
-        if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if m.gradient_checkpointing:  # non-reentrant: the recomputation runs inside backward, where the patch
+            # recomputes masses without recording them again (attn_mod.patch: `_in_backward`)
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return model, processor
 
     def _setup_lora(self):

@@ -367,3 +367,33 @@ def test_crash_and_resume_matches_uninterrupted(tmp_path):
                                                                                  "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0)
+
+
+def test_compute_rewards_text_components_and_gating():
+    """accuracy / format (with length shaping) through compute_rewards, then the gated weighted total."""
+    from types import SimpleNamespace
+
+    from attn_mod.trainers.grpo import GRPOObjective, Scores, compute_rewards
+    from attn_mod.trainers.rewards import combine_rewards
+
+    texts = ["<think>red</think><answer>A</answer>", "<think>x</think><answer>B</answer>", "B", "12"]
+    samples = [SimpleNamespace(id=f"s{i}", answer=a, answer_type=t, options=o) for i, (a, t, o) in
+               enumerate([("A", "choice", {"A": "red", "B": "blue"}), ("A", "choice", None), ("B", "choice", None),
+                          ("12", "number", None)])]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    c = Completions({}, None, torch.zeros(4, 4, dtype=torch.long), mask, texts, samples, 2)
+    s = Scores(None, None, None, torch.zeros(1, 4, 1, 4, 8), torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.bool),
+               torch.zeros(4, 4))
+    obj = GRPOObjective(rewards={"accuracy": 1.0, "format": 0.5})
+    obj.format.max_length, obj.format.length_buffer = 4, 2  # 0 up to 2 tokens, -0.5 at 3, -1 at 4
+    parts = compute_rewards(c, s, obj, num_layers=1)
+    assert parts["accuracy"].values.tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert parts["format"].values.tolist() == [1.0 - 0.5, 1.0 - 1.0, 0.0, 0.0]
+    values = {k: v.values for k, v in parts.items()}
+    values["sayo"] = torch.tensor([0.5, 0.5, -0.5, 0.25])
+    total = combine_rewards(values, {"accuracy": 1.0, "sayo": 1.0, "format": 0.5}, gate_on="accuracy",
+                            attention=("sayo",))
+    torch.testing.assert_close(total, torch.tensor([1 + 0.5 + 0.25, 0.0, 1 - 0.5, 1 + 0.25]))
+    samples[1].answer = None
+    with pytest.raises(ValueError, match="has no 'answer'"):
+        compute_rewards(c, s, obj, num_layers=1)

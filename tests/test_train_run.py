@@ -274,3 +274,12 @@ def test_resume_in_process_continues_and_rejects_changed_batch(tmp_path):
             r.setup()
         finally:
             r.cleanup()
+
+
+def test_bf16_autocast_step_runs_and_stays_close_to_fp32(tmp_path):
+    rows, _ = _train(tmp_path, "fp32", "schedule.max_steps=1", "checkpoint.save_final=false")
+    rows_bf16, _ = _train(tmp_path, "bf16", "schedule.max_steps=1", "precision.mixed=bf16",
+                          "checkpoint.save_final=false")
+    for k in ("loss", "loss_lm", "loss_img", "loss_sys"):
+        assert rows_bf16[0][k] == pytest.approx(rows[0][k], rel=0.05, abs=0.05), k
+        assert rows_bf16[0][k] != rows[0][k] or k == "loss_img", k  # autocast really ran in bf16

@@ -404,6 +404,11 @@ class Recipe:
         acc = getattr(self, "accelerator", None)
         if acc is not None:
             acc.end_training()
+            from accelerate.state import AcceleratorState
+
+            # the accelerate state is a process-wide singleton: forget this run's settings (mixed precision ...)
+            # so that a next recipe in the same process can choose its own; the process group is kept
+            AcceleratorState._reset_state()
 
 
 def run(cfg: TrainConfig, *, resume: bool = False) -> list[dict]:

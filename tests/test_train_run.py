@@ -251,3 +251,35 @@ def test_reference_backward_keeps_o_n_memory_and_exact_gradients():
             assert max(saved, default=0) < Hkv * G * Q * Q // 4, max(saved)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_resume_in_process_continues_and_rejects_changed_batch(tmp_path):
+    cfg = _cfg(tmp_path, "schedule.max_steps=2", "checkpoint.every=1")
+    r = SFTRecipe(cfg)
+    r.setup()
+    first = r.train()
+    r.cleanup()
+    longer = _cfg(tmp_path, "schedule.max_steps=3", "checkpoint.every=1")
+    r = SFTRecipe(longer, resume=True)
+    r.setup()
+    assert r.start_step == 2
+    rows = r.train()
+    r.cleanup()
+    assert rows[:2] == first and [row["step"] for row in rows] == [1, 2, 3]
+    assert read_jsonl(tmp_path / "out" / "metrics.jsonl") == rows
+    changed = _cfg(tmp_path, "schedule.max_steps=4", "schedule.batch_size=1")
+    with pytest.raises(ValueError, match="schedule.batch_size differ"):
+        r = SFTRecipe(changed, resume=True)
+        try:
+            r.setup()
+        finally:
+            r.cleanup()
+
+
+def test_bf16_autocast_step_runs_and_stays_close_to_fp32(tmp_path):
+    rows, _ = _train(tmp_path, "fp32", "schedule.max_steps=1", "checkpoint.save_final=false")
+    rows_bf16, _ = _train(tmp_path, "bf16", "schedule.max_steps=1", "precision.mixed=bf16",
+                          "checkpoint.save_final=false")
+    for k in ("loss", "loss_lm", "loss_img", "loss_sys"):
+        assert rows_bf16[0][k] == pytest.approx(rows[0][k], rel=0.05, abs=0.05), k
+        assert rows_bf16[0][k] != rows[0][k] or k == "loss_img", k  # autocast really ran in bf16

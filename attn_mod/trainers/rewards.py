@@ -141,7 +141,8 @@ def avar_visual_reward(masses: torch.Tensor, rows: torch.Tensor, *, heads=None, 
     """AVAR r_vis per sequence from masses (L, B, Hq, S, C) and rows Q (B, S) bool (module docstring).
 
     A sample has no system turn when key_cats (B, K) holds no SYSTEM slot (without key_cats: when its
-    system mass over Q is exactly 0). extras: img, sys = the two means (NaN where undefined)."""
+    system mass over Q is exactly 0). extras: img, sys = the two means (NaN where undefined). Computed on
+    detached float64 masses: a reward, not a loss."""
     _check_masses(masses, rows, key_cats)
     m = masses.detach().double()
     m = m[:, :, _head_mask(heads, m.shape[2], m.device)]

@@ -98,7 +98,7 @@ def test_kill_and_resume_gives_same_results(workspace, monkeypatch):
     with open(root / "crash" / "results.jsonl", "a") as f:
         f.write('{"cell": "identity", "data')
     monkeypatch.setattr(sweep_mod, "generate_batch", real)
-    with pytest.warns(UserWarning, match="torn line"):
+    with pytest.warns(UserWarning, match="torn last line"):
         resumed = run_sweep(cfg, progress=False)
     assert resumed.new_records == 30 - len(partial)
     rows, got = keys_and_predictions(resumed.paths["results"])

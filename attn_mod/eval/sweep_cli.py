@@ -8,11 +8,15 @@ from ..config import load_config
 from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig
 
 
+def _add_resume(p: argparse.ArgumentParser, folder: str) -> None:
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"skip samples and cells already in {folder}/results.jsonl (default); "
+                        "--no-resume deletes them and starts over")
+
+
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="sweep YAML (see configs/sweeps/)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip samples and cells already in OUTPUT_DIR/results.jsonl (default); "
-                        "--no-resume deletes them and starts over")
+    _add_resume(p, "OUTPUT_DIR")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each dataset")
     p.add_argument("--output-dir", default=None, help="override output_dir of the config")
     p.add_argument("--device", default=None, help="override device of the config (cpu, cuda, cuda:1 ...)")
@@ -31,7 +35,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    _add_resume(p, "OUT")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"])
@@ -69,6 +74,6 @@ def cmd_eval(args) -> int:
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
                       attention_metrics=args.attention_metrics, output_dir=args.out)
     cfg.validate()
-    _print_result(run_sweep(cfg, limit=args.limit, progress=not args.no_progress))
+    _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 

@@ -1,6 +1,7 @@
 """End-to-end sweeps on a tiny saved model and a generated local TSV: files, consistency, resume, retune."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,31 @@ def test_clean_one_line_errors_and_ctrl_c(workspace, tmp_path, capsys, monkeypat
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and "1 result rows are saved" in last and "rerun the same command to resume" in last
     assert cli_main([*base, "--batch-size", "1", "--out", str(tmp_path / "c")]) == 0  # resumes
+
+
+def test_config_paths_resolve_against_the_yaml_file(workspace, tmp_path, monkeypatch):
+    """Issue 8 item 4: relative paths in a sweep YAML are relative to the YAML, wherever it is run from."""
+    from attn_mod.eval.sweep_config import load_sweep_config
+
+    root, model_dir, tsv = workspace
+    cfg_dir = tmp_path / "configs" / "sweeps"
+    cfg_dir.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "b.tsv").write_bytes(tsv.read_bytes())
+    p = cfg_dir / "s.yaml"
+    p.write_text(yaml.safe_dump({"model": "tiny:qwen2_5_vl", "grid": None, "output_dir": "../../runs/x",
+                                 "datasets": [{"path": "../../data/b.tsv", "name": "synth", "image_root": "imgs"}],
+                                 "generation": {"max_new_tokens": 2}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_sweep_config(p)
+    assert Path(cfg.datasets[0].path).resolve() == (tmp_path / "data" / "b.tsv").resolve()
+    assert Path(cfg.datasets[0].image_root).resolve() == (cfg_dir / "imgs").resolve()
+    assert Path(cfg.output_dir).resolve() == (tmp_path / "runs" / "x").resolve()
+    assert cfg.model == "tiny:qwen2_5_vl"
+    assert load_sweep_config(p, overrides={"output_dir": "o"}).output_dir == "o"  # CLI: relative to the cwd
+    assert cli_main(["sweep", str(p), "--limit", "1", "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "x" / "results.jsonl").exists()
+    shipped = load_sweep_config(Path(__file__).parents[1] / "configs" / "sweeps" / "tiny_avar.yaml")
+    assert Path(shipped.output_dir).resolve() == (Path(__file__).parents[1] / "runs" / "demo" / "sweep").resolve()

@@ -1,11 +1,12 @@
 """The sweep runner: patch the model once, retune it per cell (`handle.update`), generate and score every
 sample of every dataset, append results per batch, resume where a previous run stopped.
 
-    result = run_sweep(load_config(SweepConfig, "configs/sweeps/tiny.yaml"))
+    result = run_sweep(load_sweep_config("configs/sweeps/tiny_avar.yaml"))   # paths relative to the YAML
     result.paths["markdown"]   # results.md: cells x datasets, baseline and best highlighted
 
 Output directory: manifest.json (what the results belong to), results.jsonl (one line per cell x dataset
-x sample), summary.json / summary.csv / results.md / heatmap_<dataset>.png (rewritten after every cell).
+x sample), summary.json / summary.csv / results.md (rewritten after every cell) and heatmap_<dataset>.png
+(drawn once, at the end).
 Batches are fixed chunks of each dataset, so a resumed run recomputes exactly the batch that was in flight.
 """
 

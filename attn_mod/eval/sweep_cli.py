@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import load_config
-from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig
+from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig, load_sweep_config
 
 
 def _add_resume(p: argparse.ArgumentParser, folder: str) -> None:
@@ -18,7 +17,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="sweep YAML (see configs/sweeps/)")
     _add_resume(p, "OUTPUT_DIR")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each dataset")
-    p.add_argument("--output-dir", default=None, help="override output_dir of the config")
+    p.add_argument("--output-dir", default=None, help="override output_dir of the config (relative to the "
+                   "current folder; relative paths inside the YAML are relative to the YAML file)")
     p.add_argument("--device", default=None, help="override device of the config (cpu, cuda, cuda:1 ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -56,7 +56,7 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
-    cfg = load_config(SweepConfig, args.config, overrides=overrides)
+    cfg = load_sweep_config(args.config, overrides=overrides)
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 

@@ -59,8 +59,10 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
             beats[ds] = base is None or top["accuracy"] > base
     n_expected = {ds: (len(wanted[ds]) if wanted is not None and ds in wanted else
                        max((r["n"] for r in rows if r["dataset"] == ds), default=0)) for ds in datasets}
+    vas_rows = sorted({r.get("vas_rows", "response") for rs in groups.values() for r in rs if "vas" in r})
     return {"rows": rows, "best": best, "best_beats_baseline": beats, "baseline": baseline,
-            "datasets": list(datasets), "cells": [c.id for c in cells], "n_expected": n_expected}
+            "datasets": list(datasets), "cells": [c.id for c in cells], "n_expected": n_expected,
+            "vas_rows": vas_rows}
 
 
 def _pct(x) -> str:
@@ -102,7 +104,11 @@ def markdown_table(summary: dict) -> str:
     if tied:
         lines.append("No cell beats the baseline on: " + ", ".join(tied) + ".")
     if has_vas:
-        lines.append("VAS: ratio form mass_img/(mass_sys+1e-6), mean over layers, heads and answer tokens.")
+        from ..metrics import ROW_SET_MEANING
+
+        used = summary.get("vas_rows") or ["response"]
+        lines.append("VAS: ratio form mass_img/(mass_sys+1e-6) (image = image + target), mean over layers, heads "
+                     "and the query rows " + " / ".join(f"rows={r} ({ROW_SET_MEANING.get(r, r)})" for r in used) + ".")
     return "\n".join(lines) + "\n"
 
 

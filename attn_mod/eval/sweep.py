@@ -23,9 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import capture
-from ..categories import RESPONSE
 from ..jsonl import quarantine_path
-from ..metrics import target_attention, vas
+from ..metrics import select_rows, target_attention, vas
 from ..patch import patch
 from .datasets import Benchmark, load_benchmark
 from .generation import Request, generate_batch
@@ -35,8 +34,8 @@ from .scoring import score
 from .summary import summarize, write_summary
 from .sweep_config import Cell, DatasetConfig, SweepConfig
 
-MANIFEST_KEYS = ("model", "dtype", "generation", "datasets", "attention_metrics")
-LEGACY_MANIFEST: dict = {}  # values of keys that older manifests lack
+MANIFEST_KEYS = ("model", "dtype", "generation", "datasets", "attention_metrics", "vas_rows", "system")
+LEGACY_MANIFEST = {"vas_rows": "response", "system": None}  # what older manifests without these keys used
 
 
 @dataclass
@@ -99,6 +98,8 @@ def _check_manifest(out: Path, cfg: SweepConfig) -> None:
     old = json.loads(path.read_text())
     new = _manifest(cfg)
     for key in MANIFEST_KEYS:
+        if key == "vas_rows" and not (old.get("attention_metrics") or new.get("attention_metrics")):
+            continue  # no VAS recorded: the row set does not matter
         if old.get(key, LEGACY_MANIFEST.get(key)) != new.get(key) and key != "datasets":
             raise ValueError(f"{out} holds results of a different sweep ({key}: {old.get(key)!r} != "
                              f"{new.get(key)!r}); use another output folder, or --no-resume to start over")
@@ -120,16 +121,17 @@ def _prompt_of(sample, d: DatasetConfig) -> str:
     return build_prompt(sample, template=d.template, instructions=instructions)
 
 
-def _attention_metrics(rec, samples) -> list[dict]:
-    """Per-sample VAS (answer rows, all layers) and, when a bbox is set, SAYO target attention a / R_a."""
-    v = vas(rec)
+def _attention_metrics(rec, samples, rows: str) -> list[dict]:
+    """Per-sample VAS (`rows`, all layers, ratio form) and, when a bbox is set, the mean over the same rows of
+    SAYO target attention a / R_a (last layer)."""
+    v = vas(rec, rows=rows)
     ta = target_attention(rec)
-    resp = rec.query_categories() == RESPONSE
+    chosen = select_rows(rec.query_categories(), rows)
     out = []
     for b, s in enumerate(samples):
-        row = {"vas": _num(v.value[b])}
+        row = {"vas": _num(v.value[b]), "vas_rows": rows}
         if s.bbox:
-            sel = resp[b] & ~torch.isnan(ta.a[0, b])
+            sel = chosen[b] & ~torch.isnan(ta.a[0, b])
             row["target_a"] = _num(ta.a[0, b][sel].mean()) if sel.any() else None
             row["target_reward"] = _num(ta.reward[0, b][sel].mean()) if sel.any() else None
         out.append(row)
@@ -221,7 +223,7 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
         handle.set_target(boxes=boxes, images=sizes) if any(boxes) else handle.set_target(None)
         with capture(model) as rec:
             outs = generate_batch(model, processor, requests, **kwargs)
-        metrics = _attention_metrics(rec, chunk)
+        metrics = _attention_metrics(rec, chunk, cfg.vas_rows)
         handle.set_target(None)
     else:
         outs = generate_batch(model, processor, requests, **kwargs)

@@ -41,6 +41,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"])
     p.add_argument("--attention-metrics", action="store_true", help="record VAS / target attention per sample")
+    p.add_argument("--vas-rows", default="answer", choices=["answer", "response", "after_image", "all"],
+                   help="query rows of VAS (default answer: the rows that produce the answer tokens)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -72,7 +74,7 @@ def cmd_eval(args) -> int:
                       datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
                       include_baseline=args.baseline or args.preset == "identity",
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-                      attention_metrics=args.attention_metrics, output_dir=args.out)
+                      attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, output_dir=args.out)
     cfg.validate()
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0

@@ -121,6 +121,8 @@ class SweepConfig:
     include_baseline: bool = True
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     attention_metrics: bool = False
+    vas_rows: Literal["answer", "response", "after_image", "all"] = "answer"  # see attn_mod.metrics.select_rows
+    system: str | None = None  # system prompt for every dataset without its own `system:`
     output_dir: str = "runs/sweep"
 
     def validate(self):

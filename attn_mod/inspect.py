@@ -188,7 +188,7 @@ def _token_records(rec, gen, tokenizer, S: int):
 
 def run(args) -> int:
     from . import viz
-    from .categories import TARGET
+    from .categories import SYSTEM, TARGET
     from .kernels.function import resolve_backend
     from .loading import load_model
     from .metrics import vas_from_masses, write_jsonl
@@ -231,6 +231,7 @@ def run(args) -> int:
     profile = viz.layer_profile(masses, qcats, rows=args.vas_rows)
     key_cats = rec.categories[0].cpu()
     n_target = int((key_cats[:S] == TARGET).sum())
+    n_system = int((key_cats[:S] == SYSTEM).sum())
     span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
                                                 inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
                                                 mm_token_type_ids=inputs.get("mm_token_type_ids"))
@@ -275,7 +276,7 @@ def run(args) -> int:
                          "dtype": str(model.dtype).removeprefix("torch.")},
         "box": {"given": boxes, "convention": args.box_convention, "pixels": [list(b) for b in boxes_px],
                 "target_tokens": n_target, "image_tokens": int(span.positions.numel())},
-        "tokens": {"prompt": S, "generated": n},
+        "tokens": {"prompt": S, "generated": n, "system": n_system},
         "answer_rows": "the query rows that produced each generated token (last prompt row, then the rows of "
                        "generated tokens 0..n-2); token metrics at the last layer",
         "vas": {"value": vas.mean(), "form": vas.form, "rows": vas.rows, "describe": vas.describe(),
@@ -294,6 +295,9 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2) + "\n", encoding="utf-8")
     print(answer)
     print(f"VAS {vas.mean():.4g} ({vas.describe()}); outputs in {out}/")
+    if n_system == 0:
+        print("note: the prompt has no system turn (this chat template adds none): VAS (ratio form) is undefined "
+              "and beta (system suppression) changes nothing; pass --system TEXT")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -73,7 +74,8 @@ def select_rows(query_cats: torch.Tensor, rows="answer") -> torch.Tensor:
 
 @dataclass
 class VASResult:
-    """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows."""
+    """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows
+    or, in the ratio form, no system mass (no system turn: the ratio is undefined, a warning says so)."""
 
     value: torch.Tensor
     per_layer: torch.Tensor
@@ -122,6 +124,17 @@ def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: S
     score = img / (sys_ + eps) if form == "ratio" else img / (img + sys_ + eps)  # (L, B, H, Q)
     n = sel.sum(dim=1)  # (B,)
     per_head = (score * sel[None, :, None, :]).sum(-1) / n[None, :, None]  # (L, B, H); NaN if n == 0
+    if form == "ratio":
+        # No system mass at all (no system turn in the prompt): img / eps is not a ratio -> NaN.
+        sys_total = (sys_ * sel[None, :, None, :]).sum(dim=(0, 2, 3))  # (B,)
+        undefined = (sys_total == 0) & (n > 0)
+        if bool(undefined.any()):
+            warnings.warn(f"VAS (ratio form) is undefined for {int(undefined.sum())} of {B} sample(s): no attention "
+                          "mass on system tokens (the prompt has no system turn; Qwen3-VL's chat template adds none) "
+                          "-> reported as NaN. Give a system prompt (system: in a sweep config, --system on the "
+                          "command line); without one AVAR's beta (system suppression) changes nothing.",
+                          UserWarning, stacklevel=1)  # one call site: Python shows it once per process
+            per_head = torch.where(undefined[None, :, None], torch.full_like(per_head, float("nan")), per_head)
     per_layer = per_head.mean(dim=2)
     value = per_layer.mean(dim=0)
     return VASResult(value, per_layer, per_head.permute(0, 2, 1), tuple(layers) if layers else tuple(range(L)), form,

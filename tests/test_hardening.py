@@ -61,3 +61,47 @@ def test_item6_vas_api_equals_inspect_and_every_report_names_the_rows(assets, ca
     resp = metrics.vas(rec, rows="response")
     assert "rows=response" in resp.describe() and "rows=answer" in api.describe()
     assert "answer tokens" in metrics.ROW_SET_MEANING["answer"]
+
+
+def test_item7_no_system_turn_vas_is_nan_with_one_warning_and_system_option(assets, tmp_path, capsys):
+    root, _, image = assets
+    model3 = save_tiny("qwen3_vl", root / "tiny3", seed=2)
+    q = "What color is the square?"
+    rec = api_recording(model3, image, q, 3)
+    assert not (rec.categories == attn_mod.TokenCategory.SYSTEM).any()  # Qwen3-VL: no default system turn
+    with pytest.warns(UserWarning, match="undefined") as caught:
+        v = metrics.vas(rec)
+    assert len([w for w in caught if "VAS" in str(w.message)]) == 1
+    assert math.isnan(v.mean()) and torch.isnan(v.per_layer).all()
+    share = metrics.vas(rec, form="share")  # the share form stays defined (= 1: no system mass)
+    assert share.mean() == pytest.approx(1.0, abs=1e-4)
+    rec_sys = api_recording(model3, image, q, 3, system="You are a helpful assistant.")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isfinite(metrics.vas(rec_sys).mean())
+    # sweep / eval output: beta is inert without a system turn; --system fixes it
+    from attn_mod.eval.datasets import make_synthetic_benchmark
+
+    tsv = make_synthetic_benchmark(tmp_path / "b.tsv", n=2, seed=1)
+    base = ["eval", "--model", str(model3), "--data", str(tsv), "--max-new-tokens", "2", "--attention-metrics",
+            "--no-progress"]
+    assert cli_main([*base, "--out", str(tmp_path / "nosys")]) == 0
+    out = capsys.readouterr().out
+    assert "beta is inert here" in out and "--system" in out
+    rows = [json.loads(x) for x in (tmp_path / "nosys" / "results.jsonl").read_text().splitlines()]
+    assert all(r["n_system"] == 0 and r["vas"] is None for r in rows)
+    assert cli_main([*base, "--system", "You are a helpful assistant.", "--out", str(tmp_path / "sys")]) == 0
+    out = capsys.readouterr().out
+    assert "beta is inert" not in out
+    rows = [json.loads(x) for x in (tmp_path / "sys" / "results.jsonl").read_text().splitlines()]
+    assert all(r["n_system"] > 0 and math.isfinite(r["vas"]) for r in rows)
+    manifest = json.loads((tmp_path / "sys" / "manifest.json").read_text())
+    assert manifest["system"] == "You are a helpful assistant."
+    # inspect says so too, and takes --system
+    assert cli_main(["inspect", str(model3), "--image", str(root / "scene.png"), "--question", q,
+                     "--max-new-tokens", "2", "--out", str(tmp_path / "ins")]) == 0
+    assert "no system turn" in capsys.readouterr().out
+    m = json.loads((tmp_path / "ins" / "metrics.json").read_text())
+    assert m["tokens"]["system"] == 0 and m["vas"]["value"] is None

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import capture
+from ..categories import SYSTEM
 from ..jsonl import quarantine_path
 from ..metrics import select_rows, target_attention, vas
 from ..patch import patch
@@ -212,7 +213,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
 def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: DatasetConfig, dataset: str, chunk,
                seed: int) -> list[dict]:
     gen = cfg.generation
-    requests = [Request(_prompt_of(s, d), s.load_images(), d.system) for s in chunk]
+    system = d.system if d.system is not None else cfg.system
+    requests = [Request(_prompt_of(s, d), s.load_images(), system) for s in chunk]
     metrics = [{} for _ in chunk]
     t0 = time.perf_counter()
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
@@ -228,10 +230,11 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
     else:
         outs = generate_batch(model, processor, requests, **kwargs)
     seconds = (time.perf_counter() - t0) / len(chunk)
+    n_system = (handle.categories == SYSTEM).sum(dim=1).tolist()  # system-prompt slots of each sample
     records = []
-    for s, o, m in zip(chunk, outs, metrics):
+    for s, o, m, ns in zip(chunk, outs, metrics, n_system):
         res = score(s, o.text)
         records.append({"cell": cell.id, "dataset": dataset, **s.to_record(), "prediction": o.text,
                         "extracted": res.extracted, "correct": res.correct, "method": res.method,
-                        "n_tokens": len(o.token_ids), "seconds": round(seconds, 4), **m})
+                        "n_tokens": len(o.token_ids), "n_system": int(ns), "seconds": round(seconds, 4), **m})
     return records

@@ -32,6 +32,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="AVAR without renormalisation (literal element-wise)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the unpatched model (default)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own; Qwen3-VL "
+                   "has none, and without one beta does nothing and VAS is undefined)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
@@ -74,7 +76,8 @@ def cmd_eval(args) -> int:
                       datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
                       include_baseline=args.baseline or args.preset == "identity",
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-                      attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, output_dir=args.out)
+                      attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, system=args.system,
+                      output_dir=args.out)
     cfg.validate()
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0

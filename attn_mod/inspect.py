@@ -250,7 +250,7 @@ def run(args) -> int:
                            span, image, path=out / "heatmap_layers.png", title=f"{rows_text}, mean over rows and heads",
                            **draw)
     color_key, color_label = (("a", "target attention a (mean P' per target token, last layer)") if n_target else
-                              ("mass_image_all", "image attention (P' on all visual tokens, last layer)"))
+                              ("mass_image", "image attention (P' on all visual tokens, last layer)"))
     title = f"{Path(args.model).name}, {intervention.describe()}: {args.question}"
     for suffix in ("png", "html"):
         viz.token_text_figure([r["token"] for r in records], [r[color_key] for r in records],
@@ -258,7 +258,7 @@ def run(args) -> int:
     viz.layer_curves(masses, qcats, rows=args.vas_rows, path=out / "layers.png",
                      title=f"{rows_text}, {intervention.describe()}")
     series = ({"a (target, per token)": "a", "v (image, per token)": "v"} if n_target else
-              {"image mass": "mass_image_all"})
+              {"image mass": "mass_image"})
     viz.entropy_bins(entropy, {label: torch.tensor([r[key] for r in records]) for label, key in series.items()},
                      path=out / "entropy.png", ylabel="attention (last layer)",
                      title=f"attention vs entropy of the {n} generated tokens")

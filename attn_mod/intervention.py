@@ -6,7 +6,10 @@ Published methods are presets of one operator (DESIGN.md, "Published methods"):
     Intervention.pai(alpha=0.2)              # absw[IMAGE,TARGET] = alpha, layers 2.., answer rows
     Intervention.vaf()                       # mul[IMAGE,TARGET] = 1.15, mul[SYSTEM] = 0.95, layers 9-14
     Intervention.identity()                  # analysis only
-    Intervention(w={"visual": 1.3}, layers=[0, 1], heads=[2], query=["response"])   # generic
+    Intervention(w={"image": 1.3}, layers=[0, 1], heads=[2], query=["response"])   # generic
+
+Table keys are category names: "image" is every visual token (IMAGE + TARGET, codes 3 and 4); its parts
+are "image_outside_target" (3) and "target" (4); a part's key overrides "image" for that part.
 
 `updated(**params)` re-runs the preset with new parameters (live retuning for sweeps).
 """
@@ -33,14 +36,28 @@ def _check_finite(name: str, value: float) -> float:
 
 
 def _table(spec: Mapping | None, what: str) -> dict[int, float]:
-    out: dict[int, float] = {}
+    """{key: value} -> {code: value}. "image" covers IMAGE and TARGET; a key naming one code ("target",
+    "image_outside_target", 4) overrides a group key, so {"image": 2, "target": 3} boosts target tokens by 3
+    and the rest of the image by 2. Two keys of the same kind giving one code different values is an error."""
+    parsed = []
     for key, val in (spec or {}).items():
         try:
             codes = parse_categories(key)
         except ValueError as e:
             raise ValueError(f"{e} (a key of table {what!r})") from None
-        for code in codes:
-            out[code] = _check_finite(f"{what}[{key!r}]", val)
+        parsed.append((len(codes) > 1, key, codes, _check_finite(f"{what}[{key!r}]", val)))
+    out: dict[int, float] = {}
+    for group in (True, False):  # group keys first, single-code keys override them
+        seen: dict[int, Any] = {}
+        for is_group, key, codes, val in parsed:
+            if is_group != group:
+                continue
+            for code in codes:
+                if code in seen and out[code] != val:
+                    raise ValueError(f"table {what!r}: keys {seen[code]!r} and {key!r} give category {code} "
+                                     f"different values ({out[code]} and {val})")
+                seen[code] = key
+                out[code] = val
     return out
 
 

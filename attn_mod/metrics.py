@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TokenCategory, prompt_end_index
+from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TokenCategory, category_name, prompt_end_index
 from .kernels.spec import NUM_CATEGORIES
 
 VAS_EPS = 1e-6
@@ -197,13 +197,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
-MASS_COLUMNS = {f"mass_{c.name.lower()}": int(c) for c in TokenCategory if c != TokenCategory.PAD}
+# Per-token mass columns: mass_image is IMAGE + TARGET; its parts are mass_image_outside_target and mass_target.
+MASS_COLUMNS = {f"mass_{category_name(c)}": int(c) for c in TokenCategory if c != TokenCategory.PAD}
 
 
 def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[Sequence[str]] | None = None,
                       entropy: torch.Tensor | None = None, rows="all") -> list[dict]:
-    """A tidy table (list of dicts) with one row per (sample, query token): category, head-mean masses per
-    category at `layer`, image mass, SAYO a / v / R_a, optional token text and entropy (B, Q)."""
+    """A tidy table (list of dicts) with one row per (sample, query token): category, head-mean masses at
+    `layer` (mass_image = IMAGE + TARGET, and per code: mass_system, mass_text, mass_image_outside_target,
+    mass_target, mass_response), SAYO a / v / R_a, optional token text and entropy (B, Q)."""
     mass = rec.mass(layer, run).float().mean(dim=1)  # (B, Q, C)
     qcats = rec.query_categories(run)
     ta = target_attention(rec, layers=(layer,), run=run)
@@ -213,12 +215,12 @@ def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[S
     out = []
     for b in range(B):
         for i in sel[b].nonzero().flatten().tolist():
-            row = {"sample": b, "position": K - Q + i, "category": TokenCategory(int(qcats[b, i])).name.lower()}
+            row = {"sample": b, "position": K - Q + i, "category": category_name(int(qcats[b, i]))}
             if tokens is not None:
                 row["token"] = tokens[b][i]
+            row["mass_image"] = float(image_mass(mass[b, i]))
             for name, code in MASS_COLUMNS.items():
                 row[name] = float(mass[b, i, code])
-            row["mass_image_all"] = float(image_mass(mass[b, i]))
             row["a"], row["v"], row["R_a"] = (float(t[0, b, i]) for t in (ta.a, ta.v, ta.reward))
             if entropy is not None:
                 row["entropy"] = float(entropy[b, i])

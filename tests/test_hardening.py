@@ -105,3 +105,37 @@ def test_item7_no_system_turn_vas_is_nan_with_one_warning_and_system_option(asse
     assert "no system turn" in capsys.readouterr().out
     m = json.loads((tmp_path / "ins" / "metrics.json").read_text())
     assert m["tokens"]["system"] == 0 and m["vas"]["value"] is None
+
+
+def test_item8_image_means_image_plus_target_everywhere(assets, tmp_path):
+    from attn_mod import Intervention
+    from attn_mod.categories import IMAGE, SYSTEM, TARGET, category_name, parse_categories
+    from attn_mod.viz import PROFILE_CATEGORIES
+
+    assert parse_categories("image") == (IMAGE, TARGET)
+    assert parse_categories("image_outside_target") == (IMAGE,) and parse_categories("target") == (TARGET,)
+    assert category_name(IMAGE) == "image_outside_target" and category_name(TARGET) == "target"
+    # Intervention keys: "image" boosts both codes like avar does; a part's key overrides it
+    iv = Intervention(w={"image": 2.0})
+    avar = Intervention.avar(alpha=1.0, beta=0.0)
+    assert iv.w == {IMAGE: 2.0, TARGET: 2.0} and {c: avar.w[c] for c in (IMAGE, TARGET)} == iv.w
+    assert Intervention(w={"image": 2.0, "target": 3.0}).w == {IMAGE: 2.0, TARGET: 3.0}
+    assert Intervention(w={"image_outside_target": 2.0}).w == {IMAGE: 2.0}
+    with pytest.raises(ValueError, match="different values"):
+        Intervention(w={"image": 2.0, "visual": 3.0})
+    # the transform of w={"image": 2} equals avar's image part on random scores (independent float64 check)
+    t = Intervention(w={"image": 2.0, "system": 0.5}).transform()
+    ref = Intervention.avar(alpha=1.0, beta=0.5).transform()
+    for name in ("mul", "absw", "add", "w"):
+        assert torch.equal(getattr(t, name), getattr(ref, name)), name
+    # per-token columns and profile names: mass_image = IMAGE + TARGET, parts named as such
+    root, model_dir, image = assets
+    rec = api_recording(model_dir, image, "What is red?", 2)
+    row = metrics.per_token_records(rec, rows="answer")[0]
+    assert "mass_image_all" not in row
+    mass = rec.mass(-1).double().mean(dim=1)[0]  # (Q, C)
+    i = row["position"] - (rec.categories.shape[1] - rec.query_categories().shape[1])
+    assert row["mass_image"] == pytest.approx(float(mass[i, IMAGE] + mass[i, TARGET]), abs=1e-6)
+    assert row["mass_image_outside_target"] == pytest.approx(float(mass[i, IMAGE]), abs=1e-6)
+    assert row["mass_system"] == pytest.approx(float(mass[i, SYSTEM]), abs=1e-6)
+    assert PROFILE_CATEGORIES["image"] is None and PROFILE_CATEGORIES["image_outside_target"] == IMAGE

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 INTERVENTION_PARAMS = {"avar": ("alpha", "beta", "renorm", "layers"), "pai": ("alpha", "layers"),
-                       "vaf": ("layers",), "identity": ()}  # the CLI flags each preset takes
+                       "vaf": ("enhance", "suppress", "layers"), "identity": ()}  # the CLI flags each preset takes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     renorm.add_argument("--renorm", dest="renorm", action="store_true", default=None,
                         help="avar: renormalise the reweighted attention rows (default)")
     renorm.add_argument("--raw", dest="renorm", action="store_false", help="avar: literal element-wise weights")
-    parser.add_argument("--layers", nargs="+", default=None,
-                        help="layers the intervention applies to: indices, 'start:stop' or 'all' (preset default)")
+    add_preset_arguments(parser)
     parser.add_argument("--vas-rows", default="answer", choices=("answer", "response", "after_image", "all"),
                         help="query rows of VAS and the mass shares (default answer: the rows that produce the "
                              "answer tokens; see attn_mod.metrics.select_rows)")
@@ -74,22 +73,27 @@ def load_image(path):
         raise ValueError(f"{path} is not an image PIL can decode ({e}); pass a PNG, JPEG, WebP, ... file") from None
 
 
+def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    """--layers / --enhance / --suppress (shared with `attn-mod eval`)."""
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="layers the intervention applies to: indices, 'start:stop' or 'all' (default: the "
+                             "preset's; pai and vaf defaults are fractions of the depth, see Intervention.pai/vaf)")
+    parser.add_argument("--enhance", type=float, default=None, help="vaf: image-key score factor (default 1.15)")
+    parser.add_argument("--suppress", type=float, default=None, help="vaf: system-key score factor (default 0.95)")
+
+
 def parse_layers(values):
-    if values is None:
-        return None
-    if len(values) == 1 and (values[0] == "all" or ":" in values[0]):
-        return values[0]
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--layers takes layer indices, 'start:stop' or 'all', got {' '.join(values)}") from None
+    from .intervention import parse_layer_spec
+
+    return parse_layer_spec(values)
 
 
 def build_intervention(args):
     """The `Intervention` of --preset with the given parameters (the preset's validators raise ValueError)."""
     from .intervention import Intervention
 
-    given = {"alpha": args.alpha, "beta": args.beta, "renorm": args.renorm, "layers": parse_layers(args.layers)}
+    given = {"alpha": args.alpha, "beta": args.beta, "renorm": args.renorm, "layers": parse_layers(args.layers),
+             "enhance": getattr(args, "enhance", None), "suppress": getattr(args, "suppress", None)}
     given = {k: v for k, v in given.items() if v is not None}
     allowed = INTERVENTION_PARAMS[args.preset]
     wrong = [k for k in given if k not in allowed]
@@ -97,7 +101,7 @@ def build_intervention(args):
         flags = ", ".join("--raw/--renorm" if k == "renorm" else f"--{k}" for k in wrong)
         takes = ", ".join(f"--{k}" for k in allowed) or "no parameters"
         raise ValueError(f"preset {args.preset!r} does not take {flags} (it takes {takes}); "
-                         "pass --preset avar (alpha, beta) or --preset pai (alpha)")
+                         "pass --preset avar (alpha, beta), --preset pai (alpha) or --preset vaf (enhance, suppress)")
     return Intervention.from_preset(args.preset, **given)
 
 

@@ -14,6 +14,7 @@ its module up, checks the labels against the key length and calls the operator (
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -103,6 +104,10 @@ class PatchState:
         self.intervention = intervention
         self.transform = intervention.transform()
         self.active_layers = frozenset() if self.transform.is_identity() else layers
+        if not layers and not self.transform.is_identity():
+            warnings.warn(f"intervention {intervention.describe()} resolves to no layer of this {self.num_layers}-layer "
+                          f"model (layers={intervention.layers!r}): it changes nothing; pass layers within "
+                          f"0..{self.num_layers - 1}", UserWarning, stacklevel=3)
         self.head_enable = None if bool(heads.all()) else heads
         self._transform_on: dict[torch.device, Any] = {}
 

@@ -139,3 +139,50 @@ def test_item8_image_means_image_plus_target_everywhere(assets, tmp_path):
     assert row["mass_image_outside_target"] == pytest.approx(float(mass[i, IMAGE]), abs=1e-6)
     assert row["mass_system"] == pytest.approx(float(mass[i, SYSTEM]), abs=1e-6)
     assert PROFILE_CATEGORIES["image"] is None and PROFILE_CATEGORIES["image_outside_target"] == IMAGE
+
+
+def test_item9_presets_never_silently_do_nothing(assets, tmp_path, capsys):
+    from attn_mod import Intervention
+    from attn_mod.eval.datasets import make_synthetic_benchmark
+    from attn_mod.intervention import DepthFraction
+
+    # defaults relative to depth: the papers' layers on 28 / 32-layer models, at least one layer on 2 layers
+    assert Intervention.pai(5.0).layer_indices(32) == tuple(range(2, 32))
+    assert Intervention.pai(5.0).layer_indices(28) == tuple(range(2, 28))
+    assert Intervention.pai(5.0).layer_indices(2) == ()  # PAI skips the first two layers (absolute)
+    assert Intervention.vaf().layer_indices(32) == tuple(range(9, 15))
+    assert Intervention.vaf().layer_indices(28) == tuple(range(8, 13))
+    assert Intervention.vaf().layer_indices(2) == (1,)
+    assert Intervention.pai(1.0, layers=[1]).layer_indices(2) == (1,)  # explicit layers stay absolute
+    assert repr(DepthFraction(9 / 32, 15 / 32)).startswith("depth[")
+    # PAI on the 2-layer tiny model changes the output; an intervention on no layer warns
+    root, model_dir, image = assets
+    model, proc = load_model(model_dir)
+    inputs = encode_batch(proc, [Request("What is red?", [image])], model.device)
+    with torch.no_grad():
+        handle = attn_mod.patch(model, proc)
+        base = model(**inputs).logits
+        with pytest.warns(UserWarning, match="pai.*resolves to no layer of this 2-layer model"):
+            handle.update(intervention=Intervention.pai(5.0))
+        handle.update(intervention=Intervention.pai(5.0, layers="all"))
+        assert (model(**inputs).logits - base).abs().max() > 1e-3
+        with pytest.warns(UserWarning, match="resolves to no layer"):
+            handle.update(intervention=Intervention(w={"image": 2.0}, layers="5:"))
+        handle.update(intervention=Intervention.vaf())  # no "out of range" on 2 layers
+        assert (model(**inputs).logits - base).abs().max() > 0
+        handle.remove()
+    # the preset parameters on the command line
+    tsv = make_synthetic_benchmark(tmp_path / "b.tsv", n=1, seed=1)
+    assert cli_main(["eval", "--model", str(model_dir), "--data", str(tsv), "--preset", "vaf", "--enhance", "1.3",
+                     "--suppress", "0.9", "--layers", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "e"),
+                     "--no-progress"]) == 0
+    cells = {json.loads(x)["cell"] for x in (tmp_path / "e" / "results.jsonl").read_text().splitlines()}
+    assert "vaf(enhance=1.3,layers=[1],suppress=0.9)" in cells
+    assert cli_main(["eval", "--model", str(model_dir), "--data", str(tsv), "--preset", "pai", "--beta", "0.3",
+                     "--out", str(tmp_path / "e2"), "--no-progress"]) == 2
+    assert "does not take --beta" in capsys.readouterr().err
+    assert cli_main(["inspect", str(model_dir), "--image", str(root / "scene.png"), "--question", "What is red?",
+                     "--preset", "vaf", "--enhance", "1.4", "--layers", "0", "--max-new-tokens", "2",
+                     "--out", str(tmp_path / "i")]) == 0
+    m = json.loads((tmp_path / "i" / "metrics.json").read_text())
+    assert m["intervention"]["params"]["enhance"] == 1.4

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig, load_sweep_config
+from .sweep_config import (PRESET_PARAMS, CellConfig, DatasetConfig, GenerationConfig, SweepConfig,
+                           load_sweep_config)
 
 
 def _add_resume(p: argparse.ArgumentParser, folder: str) -> None:
@@ -30,6 +31,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--raw", action="store_true", help="AVAR without renormalisation (literal element-wise)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="layers of the intervention: indices, 'start:stop' or 'all' (default: the preset's; pai "
+                        "and vaf defaults are fractions of the depth)")
+    p.add_argument("--enhance", type=float, default=None, help="vaf: image-key score factor (default 1.15)")
+    p.add_argument("--suppress", type=float, default=None, help="vaf: system-key score factor (default 0.95)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the unpatched model (default)")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's own; Qwen3-VL "
@@ -68,9 +74,18 @@ def cmd_sweep(args) -> int:
 def cmd_eval(args) -> int:
     from .sweep import run_sweep
 
-    params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta)) if v is not None}
-    if args.preset == "avar" and args.raw:
+    from ..intervention import parse_layer_spec
+
+    params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("layers", parse_layer_spec(args.layers)),
+                                ("enhance", args.enhance), ("suppress", args.suppress)) if v is not None}
+    if args.raw:
         params["renorm"] = False
+    allowed = PRESET_PARAMS[args.preset]
+    wrong = [k for k in params if k not in allowed]
+    if wrong:
+        flags = ", ".join("--raw" if k == "renorm" else f"--{k}" for k in wrong)
+        raise ValueError(f"--preset {args.preset} does not take {flags} (it takes "
+                         f"{', '.join('--' + k for k in allowed if k != 'renorm') or 'no parameters'})")
     cells = [] if args.preset == "identity" else [CellConfig(preset=args.preset, params=params)]
     cfg = SweepConfig(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                       datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,

@@ -186,3 +186,55 @@ def test_item9_presets_never_silently_do_nothing(assets, tmp_path, capsys):
                      "--out", str(tmp_path / "i")]) == 0
     m = json.loads((tmp_path / "i" / "metrics.json").read_text())
     assert m["intervention"]["params"]["enhance"] == 1.4
+
+
+def test_item10_validation_at_the_call(assets, tmp_path, capsys):
+    from attn_mod.eval.datasets import DatasetError, load_benchmark, make_synthetic_benchmark
+    from attn_mod.regions import box_to_pixels
+
+    root, model_dir, image = assets  # 120 x 90
+    model, proc = load_model(model_dir)
+    handle = attn_mod.patch(model, proc)
+    with pytest.raises(ValueError, match=r"boxes\[0\].*x1 < x0"):
+        handle.set_target(boxes=[[(50, 10, 20, 40)]], images=[image])
+    with pytest.raises(ValueError, match=r"boxes\[0\].*entirely outside"):
+        handle.set_target(boxes=[[(200, 100, 300, 200)]], images=[image])
+    with pytest.raises(ValueError, match=r"x1=150 is 30 px past the right edge \(W=120\).*clip it to the image "
+                                         r"\(100, 10, 120, 40"):
+        handle.set_target(boxes=[[(100, 10, 150, 40)]], images=[image])
+    with pytest.raises(ValueError, match="boxes\\[0\\]"):
+        handle.set_target(boxes=[[(0.1, 0.2, 1.5, 0.5)]], images=[image], convention="normalized")
+    handle.set_target(boxes=[[(60, 20, 110, 70)]], images=[image])  # a good box is accepted
+    # set_categories: wrong length / PAD layout caught at the call when the batch is given
+    inputs = encode_batch(proc, [Request("What is red?", [image])], model.device)
+    S = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="one label per token"):
+        handle.set_categories(torch.full((1, S - 1), 2), inputs=inputs)
+    bad = torch.full((1, S), 2)
+    bad[0, 3] = 0
+    with pytest.raises(ValueError, match="disagree with attention_mask"):
+        handle.set_categories(bad, inputs=inputs)
+    handle.set_categories(torch.full((1, S), 2), inputs=inputs)
+    handle.remove()
+    assert box_to_pixels((100, 10, 120, 40), image) == (100.0, 10.0, 120.0, 40.0)
+    # TSV: a path in the image column that does not exist says so; a good path loads
+    image.save(tmp_path / "ok.png")
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("index\timage\tquestion\tanswer\tbbox\n"
+                   f"0\t/nonexistent/img.png\tq\tA\t\n1\t{tmp_path / 'ok.png'}\tq\tA\t\n")
+    rows = list(load_benchmark(tsv))
+    with pytest.raises(DatasetError, match=r"t.tsv row 0: image file '/nonexistent/img.png' not found"):
+        rows[0].load_image()
+    assert rows[1].load_image().size == (120, 90)
+    # an out-of-image bbox in a benchmark names the file, row and index
+    data = make_synthetic_benchmark(tmp_path / "s.tsv", n=2, seed=3)
+    lines = data.read_text().splitlines()
+    head = lines[0].split("\t")
+    cells = lines[2].split("\t")
+    cells[head.index("bbox")] = "[5, 5, 900, 40]"
+    lines[2] = "\t".join(cells)
+    data.write_text("\n".join(lines) + "\n")
+    code = cli_main(["eval", "--model", str(model_dir), "--data", str(data), "--attention-metrics", "--batch-size",
+                     "1", "--max-new-tokens", "1", "--out", str(tmp_path / "e"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "s.tsv row 1 (index '1'): bbox [5.0, 5.0, 900.0, 40.0]" in err and "right edge" in err

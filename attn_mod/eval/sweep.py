@@ -27,7 +27,7 @@ from ..categories import SYSTEM
 from ..jsonl import quarantine_path
 from ..metrics import select_rows, target_attention, vas
 from ..patch import patch
-from .datasets import Benchmark, load_benchmark
+from .datasets import Benchmark, DatasetError, load_benchmark
 from .generation import Request, generate_batch
 from .prompts import COT_INSTRUCTIONS, DEFAULT_INSTRUCTIONS, build_prompt
 from .results import ResultStore
@@ -139,6 +139,18 @@ def _attention_metrics(rec, samples, rows: str) -> list[dict]:
     return out
 
 
+def _check_bbox(sample, images, d: DatasetConfig) -> None:
+    """A sample's target boxes must fit its first image; the error names the file, row and index."""
+    from ..regions import box_to_pixels
+
+    for box in sample.bbox or ():
+        try:
+            box_to_pixels(box, images[0])
+        except (ValueError, IndexError) as e:
+            raise DatasetError(f"{d.path} row {sample.row} (index {sample.index!r}): bbox {list(box)}: "
+                               f"{e if images else 'the sample has no image'}") from None
+
+
 def _num(t) -> float | None:
     x = float(t)
     return None if x != x else x
@@ -215,6 +227,9 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
     gen = cfg.generation
     system = d.system if d.system is not None else cfg.system
     requests = [Request(_prompt_of(s, d), s.load_images(), system) for s in chunk]
+    if cfg.attention_metrics:
+        for s, r in zip(chunk, requests):
+            _check_bbox(s, r.images, d)
     metrics = [{} for _ in chunk]
     t0 = time.perf_counter()
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,

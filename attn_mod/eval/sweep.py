@@ -33,7 +33,7 @@ from .prompts import COT_INSTRUCTIONS, DEFAULT_INSTRUCTIONS, build_prompt
 from .results import ResultStore
 from .scoring import score
 from .summary import summarize, write_summary
-from .sweep_config import Cell, DatasetConfig, SweepConfig
+from .sweep_config import Cell, DatasetConfig, SweepConfig, check_model
 
 MANIFEST_KEYS = ("model", "dtype", "generation", "datasets", "attention_metrics", "vas_rows", "system")
 LEGACY_MANIFEST = {"vas_rows": "response", "system": None}  # what older manifests without these keys used
@@ -49,21 +49,6 @@ class SweepResult:
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C during a sweep; the message says how many rows are saved and that rerunning resumes."""
-
-
-def check_model(cfg: SweepConfig) -> None:
-    """Cheap checks of model, device and backend (nothing loaded, nothing written); ValueError naming the fix."""
-    from ..loading import check_backend, check_device, check_model_path
-
-    check_device(cfg.device)
-    check_backend(cfg.backend, cfg.device)
-    if cfg.model.startswith("tiny:"):
-        from ..tiny import FAMILIES
-
-        if cfg.model.split(":", 1)[1] not in FAMILIES:
-            raise ValueError(f"unknown tiny model {cfg.model!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}")
-    else:
-        check_model_path(cfg.model)
 
 
 def load_model_for(cfg: SweepConfig):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .sweep_config import (PRESET_PARAMS, CellConfig, DatasetConfig, GenerationConfig, SweepConfig,
-                           load_sweep_config)
+# Only argparse at import time (fast --help); configs are validated before the runner (torch, transformers)
+# is imported.
 
 
 def _add_resume(p: argparse.ArgumentParser, folder: str) -> None:
@@ -63,18 +63,20 @@ def _print_result(result) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from .sweep_config import check_model, load_sweep_config
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
     cfg = load_sweep_config(args.config, overrides=overrides)
+    check_model(cfg)
+    from .sweep import run_sweep
+
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .sweep import run_sweep
-
     from ..intervention import parse_layer_spec
+    from .sweep_config import PRESET_PARAMS, CellConfig, DatasetConfig, GenerationConfig, SweepConfig, check_model
 
     params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("layers", parse_layer_spec(args.layers)),
                                 ("enhance", args.enhance), ("suppress", args.suppress)) if v is not None}
@@ -94,6 +96,9 @@ def cmd_eval(args) -> int:
                       attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, system=args.system,
                       output_dir=args.out)
     cfg.validate()
+    check_model(cfg)
+    from .sweep import run_sweep
+
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 

@@ -238,3 +238,40 @@ def test_item10_validation_at_the_call(assets, tmp_path, capsys):
                      "1", "--max-new-tokens", "1", "--out", str(tmp_path / "e"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "s.tsv row 1 (index '1'): bbox [5.0, 5.0, 900.0, 40.0]" in err and "right edge" in err
+
+
+def test_item11_api_messages_reprs_and_names(assets):
+    from attn_mod import Intervention
+
+    root, model_dir, image = assets
+    model, proc = load_model(model_dir)
+    handle = attn_mod.patch(model, proc, intervention=Intervention.avar(0.2, 0.5))
+    inputs = encode_batch(proc, [Request("What is red?", [image])], model.device)
+    with torch.no_grad(), attn_mod.capture(model, layers=[0]) as rec:
+        model(**inputs)
+    with pytest.raises(KeyError, match="layer -1 is model layer 1 .*not from the captured ones.*captured layers: \\[0\\]"):
+        rec.mass(-1)
+    assert rec.mass(0).shape[0] == 1
+    with pytest.raises(ValueError, match="attn_mod.capture"):
+        model(**inputs, output_attentions=True)
+    r = repr(handle)
+    assert "backend=auto" in r and "avar(alpha=0.2, beta=0.5" in r and "layers 0-1" in r.replace("0,1", "0-1")
+    assert repr(rec).startswith("Recording(layers=0 of 2, runs=1, B=1")
+    iv = repr(Intervention.avar(0.2, 0.5))
+    assert "w={image: 1.2, system: 0.5}" in iv
+    assert "target: 3" in repr(Intervention(w={"image": 2, "target": 3}, layers=range(0, 2)))
+    handle.set_target(boxes=[[(60, 20, 110, 70)]], images=[image])
+    with torch.no_grad(), attn_mod.capture(model) as rec2:
+        model(**inputs)
+    ta = metrics.target_attention(rec2)
+    assert "R_a=" in repr(ta) and "R_a = 0.5*(1+tanh" in ta.describe()
+    assert ta.mean("a") == pytest.approx(float(ta.a[~torch.isnan(ta.a)].double().mean()), rel=1e-5)
+    assert ta.reward is ta.R_a  # deprecated alias
+    row = metrics.per_token_records(rec2, rows="answer")[0]
+    assert "R_a" in row and "reward" not in row
+    assert "mean=" in repr(metrics.vas(rec2))
+    handle.remove()
+    # attn_mod.metrics exports only its own names
+    for name in metrics.__all__:
+        obj = getattr(metrics, name)
+        assert getattr(obj, "__module__", "attn_mod.metrics") == "attn_mod.metrics", name

@@ -13,7 +13,7 @@ from typing import Sequence
 from .scoring import aggregate
 from .sweep_config import Cell
 
-METRIC_COLUMNS = ("vas", "target_a", "target_reward")
+METRIC_COLUMNS = ("vas", "target_a", "target_R_a")
 
 
 def _mean(values):
@@ -32,6 +32,8 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
     wanted = None if sample_ids is None else {d: set(ids) for d, ids in sample_ids.items()}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
+        if "target_reward" in r and "target_R_a" not in r:  # rows written before R_a had one name
+            r = {**r, "target_R_a": r["target_reward"]}
         if wanted is not None and r["sample_id"] not in wanted.get(r["dataset"], ()):
             continue
         groups[(r["cell"], r["dataset"])].append(r)

@@ -165,6 +165,10 @@ def _generate(model, processor, handle, args, image, boxes):
     with torch.no_grad(), capture(model, layers="all") as rec, record_rows(model, layers="all") as rows:
         gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                              stopping_criteria=[progress], output_logits=True, return_dict_in_generate=True)
+    done = gen.sequences.shape[1] - inputs["input_ids"].shape[1]
+    progress.bar.total = done  # stopped early (EOS) or counted one short: end the bar at the real count
+    progress.bar.n = done
+    progress.bar.refresh()
     progress.bar.close()
     return inputs, gen, rec, rows
 

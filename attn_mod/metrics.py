@@ -5,8 +5,8 @@ recorded query rows (B, Q) / key slots (B, K). "Image" mass is IMAGE + TARGET.
 
 - VAS (AVAR):  mean over layers, heads and query rows i of  mass_img(i) / (mass_sys(i) + eps)  (ratio form,
   eps = 1e-6) or  mass_img / (mass_img + mass_sys + eps)  (share form). The rows are a named set (ROW_SETS,
-  `select_rows`): "answer" (default: the rows that produce answer tokens, i.e. the last prompt row and every
-  RESPONSE row), "response" (RESPONSE rows only), "after_image" (rows after the last visual token), "all".
+  `select_rows`): "response" (default, the spec's: RESPONSE rows), "answer" (the rows that produce answer
+  tokens: the last prompt row and every RESPONSE row), "after_image" (rows after the last visual token), "all".
 - Target attention (SAYO):  a(i) = mean_h mass_TARGET(i) / n_TARGET(i),  v(i) = mean_h mass_img(i) / n_img(i),
   n_X(i) = number of keys of set X visible to row i;  R_a(i) = 0.5 * (1 + tanh(log((a + eps) / (v + eps)))),
   eps = 1e-8, last layer by default.
@@ -29,10 +29,10 @@ from .kernels.spec import NUM_CATEGORIES
 
 VAS_EPS = 1e-6
 SAYO_EPS = 1e-8
-ROW_SETS = ("answer", "response", "after_image", "all")
+ROW_SETS = ("response", "answer", "after_image", "all")
 ROW_SET_MEANING = {
     "answer": "the rows that produce answer tokens (last prompt row + every response row)",
-    "response": "response-token rows (the first answer token's row, the last prompt row, excluded)",
+    "response": "the response-token rows; the last prompt row, which chose the first answer token, is excluded",
     "after_image": "every row after the last visual token",
     "all": "every non-pad row",
 }
@@ -43,12 +43,11 @@ def image_mass(mass: torch.Tensor) -> torch.Tensor:
     return mass[..., IMAGE] + mass[..., TARGET]
 
 
-def select_rows(query_cats: torch.Tensor, rows="answer") -> torch.Tensor:
+def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
     """(B, Q) bool of the query rows a metric averages over.
 
-    rows: "answer" (the rows that produce answer tokens: the last prompt row, i.e. the row before the first
-    RESPONSE row (or the last non-pad row when there is none), plus every RESPONSE row), "response" (RESPONSE
-    rows), "after_image" (non-pad rows after the last visual token), "all" (non-pad rows), or an explicit
+    rows: "response" (default: RESPONSE rows), "answer" (the rows that produce answer tokens: the last prompt row, i.e. the row before the first
+    RESPONSE row (or the last non-pad row when there is none), plus every RESPONSE row), "after_image" (non-pad rows after the last visual token), "all" (non-pad rows), or an explicit
     (B, Q) bool tensor.
     """
     if isinstance(rows, torch.Tensor):
@@ -113,7 +112,7 @@ def _ranges(layers: Sequence[int]) -> str:
 
 
 def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
-                    rows="answer", form: str = "ratio", eps: float = VAS_EPS) -> VASResult:
+                    rows="response", form: str = "ratio", eps: float = VAS_EPS) -> VASResult:
     """VAS from masses (L, B, Hq, Q, C) and query-row categories (B, Q)."""
     if form not in ("ratio", "share"):
         raise ValueError(f"VAS form must be 'ratio' or 'share', got {form!r}")
@@ -145,7 +144,7 @@ def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: S
                      rows if isinstance(rows, str) else "custom", eps)
 
 
-def vas(rec, *, layers="all", rows="answer", form: str = "ratio", eps: float = VAS_EPS, run: int = -1) -> VASResult:
+def vas(rec, *, layers="all", rows="response", form: str = "ratio", eps: float = VAS_EPS, run: int = -1) -> VASResult:
     """VAS of a `Recording` (see `vas_from_masses`)."""
     chosen = rec.layers if layers == "all" else tuple(layers)
     masses = torch.stack([rec.mass(layer, run) for layer in chosen])

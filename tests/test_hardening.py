@@ -42,9 +42,14 @@ def test_item6_vas_api_equals_inspect_and_every_report_names_the_rows(assets, ca
                      "--max-new-tokens", "5", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     rec = api_recording(model_dir, image, q, 5)
-    api = metrics.vas(rec)
-    assert api.rows == "answer" and m["vas"]["rows"] == "answer" and m["mass_shares"]["rows"] == "answer"
+    api = metrics.vas(rec)  # default rows="response" (the spec's), the same in inspect
+    assert api.rows == "response" and m["vas"]["rows"] == "response" and m["mass_shares"]["rows"] == "response"
     assert m["vas"]["value"] == pytest.approx(api.mean(), rel=1e-5)
+    ans = metrics.vas(rec, rows="answer")  # the named option, API and CLI alike
+    assert cli_main(["inspect", str(model_dir), "--image", str(root / "scene.png"), "--question", q,
+                     "--max-new-tokens", "5", "--vas-rows", "answer", "--out", str(out / "a")]) == 0
+    m_ans = json.loads((out / "a" / "metrics.json").read_text())
+    assert m_ans["vas"]["rows"] == "answer" and m_ans["vas"]["value"] == pytest.approx(ans.mean(), rel=1e-5)
     # the answer rows are exactly the rows that produced the generated tokens (what tokens.jsonl lists)
     sel = metrics.select_rows(rec.query_categories(), "answer")[0].nonzero().flatten().tolist()
     K = rec.categories.shape[1]
@@ -56,10 +61,10 @@ def test_item6_vas_api_equals_inspect_and_every_report_names_the_rows(assets, ca
     from attn_mod.categories import IMAGE, SYSTEM, TARGET
 
     ratio = (masses[..., IMAGE] + masses[..., TARGET]) / (masses[..., SYSTEM] + 1e-6)
-    assert api.mean() == pytest.approx(float(ratio[:, 0, :, sel].mean()), rel=1e-5)
-    # a different named row set is a different number, and says so
-    resp = metrics.vas(rec, rows="response")
-    assert "rows=response" in resp.describe() and "rows=answer" in api.describe()
+    assert ans.mean() == pytest.approx(float(ratio[:, 0, :, sel].mean()), rel=1e-5)
+    resp_rows = (rec.query_categories()[0] == attn_mod.TokenCategory.RESPONSE).nonzero().flatten().tolist()
+    assert api.mean() == pytest.approx(float(ratio[:, 0, :, resp_rows].mean()), rel=1e-5)
+    assert "rows=response" in api.describe() and "rows=answer" in ans.describe()
     assert "answer tokens" in metrics.ROW_SET_MEANING["answer"]
 
 

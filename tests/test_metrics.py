@@ -46,11 +46,12 @@ def test_vas_hand_computed():
     # a sample with no response rows gives NaN, not 0
     none = vas_from_masses(m, torch.tensor([[TEXT, TEXT, TEXT]]), rows="response")
     assert math.isnan(none.value.item())
-    # default rows="answer": the rows that produce answer tokens = the last prompt row (row 0) + RESPONSE rows
-    answer = vas_from_masses(m, qc)
+    assert vas_from_masses(m, qc).value.item() == pytest.approx(want, rel=1e-5)  # default rows="response"
+    # rows="answer": the rows that produce answer tokens = the last prompt row (row 0) + RESPONSE rows
+    answer = vas_from_masses(m, qc, rows="answer")
     assert answer.rows == "answer" and "rows=answer" in answer.describe()
     assert answer.value.item() == pytest.approx(all_rows.value.item(), rel=1e-6)
-    prompt_only = vas_from_masses(m, torch.tensor([[SYSTEM, TEXT, TEXT]]))  # no answer yet: the last row
+    prompt_only = vas_from_masses(m, torch.tensor([[SYSTEM, TEXT, TEXT]]), rows="answer")  # no answer yet: the last row
     assert prompt_only.value.item() == pytest.approx((3 + 1) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="form"):
         vas_from_masses(m, qc, form="log")

@@ -280,3 +280,26 @@ def test_item11_api_messages_reprs_and_names(assets):
     for name in metrics.__all__:
         obj = getattr(metrics, name)
         assert getattr(obj, "__module__", "attn_mod.metrics") == "attn_mod.metrics", name
+
+
+def test_item2_demo_takes_resume_and_system(tmp_path, monkeypatch):
+    """`attn-mod demo --no-resume --system ...` reaches the sweep (the sweep itself is tested in test_sweep)."""
+    from attn_mod.eval import sweep as sweep_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(cfg, **kw):
+        seen.update(kw, system=cfg.system)
+        raise Stop
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", fake)
+    with pytest.raises(Stop):
+        cli_main(["demo", "--out", str(tmp_path), "--samples", "1", "--no-resume", "--system", "Be brief.",
+                  "--no-progress"])
+    assert seen["resume"] is False and seen["system"] == "Be brief."
+    with pytest.raises(Stop):
+        cli_main(["demo", "--out", str(tmp_path), "--samples", "1", "--no-progress"])
+    assert seen["resume"] is True and seen["system"] is None

@@ -9,7 +9,9 @@ heatmap_layers.png (one panel per layer), tokens.png / tokens.html, layers.png, 
 Per generated token t the numbers come from the query row that produced it (the last prompt row for
 t = 0, then the row of token t-1): its attention while choosing token t, and the entropy of the
 distribution token t was chosen from (raw logits, temperature 1). These "answer rows" are the rows of
-every answer metric (VAS, a / v / R_a, mass shares) and of heatmap.png.
+the per-token metrics (a / v / R_a) and of heatmap.png; VAS and the mass shares use the named row set of
+--vas-rows (default "response", as the API's `metrics.vas(rec)`, through the same
+`attn_mod.metrics.vas_from_masses`; "answer" adds the last prompt row, i.e. exactly the answer rows).
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ import argparse
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 INTERVENTION_PARAMS = {"avar": ("alpha", "beta", "renorm", "layers"), "pai": ("alpha", "layers"),
-                       "vaf": ("layers",), "identity": ()}  # the CLI flags each preset takes
+                       "vaf": ("enhance", "suppress", "layers"), "identity": ()}  # the CLI flags each preset takes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     renorm.add_argument("--renorm", dest="renorm", action="store_true", default=None,
                         help="avar: renormalise the reweighted attention rows (default)")
     renorm.add_argument("--raw", dest="renorm", action="store_false", help="avar: literal element-wise weights")
-    parser.add_argument("--layers", nargs="+", default=None,
-                        help="layers the intervention applies to: indices, 'start:stop' or 'all' (preset default)")
+    add_preset_arguments(parser)
+    parser.add_argument("--vas-rows", default="response", choices=("response", "answer", "after_image", "all"),
+                        help="query rows of VAS and the mass shares (default response: the generated-token rows; "
+                             "answer: also the last prompt row; see attn_mod.metrics.select_rows)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -70,22 +73,27 @@ def load_image(path):
         raise ValueError(f"{path} is not an image PIL can decode ({e}); pass a PNG, JPEG, WebP, ... file") from None
 
 
+def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    """--layers / --enhance / --suppress (shared with `attn-mod eval`)."""
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="layers the intervention applies to: indices, 'start:stop' or 'all' (default: the "
+                             "preset's; pai and vaf defaults are fractions of the depth, see Intervention.pai/vaf)")
+    parser.add_argument("--enhance", type=float, default=None, help="vaf: image-key score factor (default 1.15)")
+    parser.add_argument("--suppress", type=float, default=None, help="vaf: system-key score factor (default 0.95)")
+
+
 def parse_layers(values):
-    if values is None:
-        return None
-    if len(values) == 1 and (values[0] == "all" or ":" in values[0]):
-        return values[0]
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--layers takes layer indices, 'start:stop' or 'all', got {' '.join(values)}") from None
+    from .intervention import parse_layer_spec
+
+    return parse_layer_spec(values)
 
 
 def build_intervention(args):
     """The `Intervention` of --preset with the given parameters (the preset's validators raise ValueError)."""
     from .intervention import Intervention
 
-    given = {"alpha": args.alpha, "beta": args.beta, "renorm": args.renorm, "layers": parse_layers(args.layers)}
+    given = {"alpha": args.alpha, "beta": args.beta, "renorm": args.renorm, "layers": parse_layers(args.layers),
+             "enhance": getattr(args, "enhance", None), "suppress": getattr(args, "suppress", None)}
     given = {k: v for k, v in given.items() if v is not None}
     allowed = INTERVENTION_PARAMS[args.preset]
     wrong = [k for k in given if k not in allowed]
@@ -93,7 +101,7 @@ def build_intervention(args):
         flags = ", ".join("--raw/--renorm" if k == "renorm" else f"--{k}" for k in wrong)
         takes = ", ".join(f"--{k}" for k in allowed) or "no parameters"
         raise ValueError(f"preset {args.preset!r} does not take {flags} (it takes {takes}); "
-                         "pass --preset avar (alpha, beta) or --preset pai (alpha)")
+                         "pass --preset avar (alpha, beta), --preset pai (alpha) or --preset vaf (enhance, suppress)")
     return Intervention.from_preset(args.preset, **given)
 
 
@@ -157,6 +165,10 @@ def _generate(model, processor, handle, args, image, boxes):
     with torch.no_grad(), capture(model, layers="all") as rec, record_rows(model, layers="all") as rows:
         gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                              stopping_criteria=[progress], output_logits=True, return_dict_in_generate=True)
+    done = gen.sequences.shape[1] - inputs["input_ids"].shape[1]
+    progress.bar.total = done  # stopped early (EOS) or counted one short: end the bar at the real count
+    progress.bar.n = done
+    progress.bar.refresh()
     progress.bar.close()
     return inputs, gen, rec, rows
 
@@ -183,22 +195,29 @@ def _token_records(rec, gen, tokenizer, S: int):
 
 
 def run(args) -> int:
-    from . import viz
-    from .categories import TARGET
-    from .kernels.function import resolve_backend
-    from .loading import load_model
-    from .metrics import vas_from_masses, write_jsonl
-    from .patch import patch
-    from .regions import box_to_pixels, locate_visual_tokens
+    from .loading import check_backend, check_device, check_model_path
+    from .regions import box_to_pixels
 
+    # Validate everything (cheap: no transformers, nothing written) before loading or importing the rest.
     t_start = time.perf_counter()
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_model_path(args.model)
+    check_device(args.device)
+    check_backend(args.backend, args.device)
     image = load_image(args.image)
     boxes = [list(b) for b in (args.box or [])]
     boxes_px = [box_to_pixels(b, image, args.box_convention) for b in boxes]  # ValueError if outside / inverted
     intervention = build_intervention(args)
     out = Path(args.out)
+
+    from . import viz
+    from .categories import SYSTEM, TARGET
+    from .kernels.function import resolve_backend
+    from .loading import load_model
+    from .metrics import vas_from_masses, write_jsonl
+    from .patch import patch
+    from .regions import locate_visual_tokens
 
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     t_loaded = time.perf_counter()
@@ -222,12 +241,12 @@ def run(args) -> int:
     qcats = rec.query_categories().cpu()
     masses = rec.masses().cpu()  # (L, 1, Hq, Q, C)
     L = masses.shape[0]
-    rows_name = "answer (the rows that produced the generated tokens)"
-    vas = replace(vas_from_masses(masses, qcats, rows=answer_rows, form="ratio"), rows=rows_name)
-    vas_share = replace(vas_from_masses(masses, qcats, rows=answer_rows, form="share"), rows=rows_name)
-    profile = viz.layer_profile(masses, qcats, rows=answer_rows)
+    vas = vas_from_masses(masses, qcats, rows=args.vas_rows, form="ratio")
+    vas_share = vas_from_masses(masses, qcats, rows=args.vas_rows, form="share")
+    profile = viz.layer_profile(masses, qcats, rows=args.vas_rows)
     key_cats = rec.categories[0].cpu()
     n_target = int((key_cats[:S] == TARGET).sum())
+    n_system = int((key_cats[:S] == SYSTEM).sum())
     span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
                                                 inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
                                                 mm_token_type_ids=inputs.get("mm_token_type_ids"))
@@ -246,15 +265,15 @@ def run(args) -> int:
                            span, image, path=out / "heatmap_layers.png", title=f"{rows_text}, mean over rows and heads",
                            **draw)
     color_key, color_label = (("a", "target attention a (mean P' per target token, last layer)") if n_target else
-                              ("mass_image_all", "image attention (P' on all visual tokens, last layer)"))
+                              ("mass_image", "image attention (P' on all visual tokens, last layer)"))
     title = f"{Path(args.model).name}, {intervention.describe()}: {args.question}"
     for suffix in ("png", "html"):
         viz.token_text_figure([r["token"] for r in records], [r[color_key] for r in records],
                               path=out / f"tokens.{suffix}", label=color_label, title=title, vmin=None)
-    viz.layer_curves(masses, qcats, rows=answer_rows, path=out / "layers.png",
+    viz.layer_curves(masses, qcats, rows=args.vas_rows, path=out / "layers.png",
                      title=f"{rows_text}, {intervention.describe()}")
     series = ({"a (target, per token)": "a", "v (image, per token)": "v"} if n_target else
-              {"image mass": "mass_image_all"})
+              {"image mass": "mass_image"})
     viz.entropy_bins(entropy, {label: torch.tensor([r[key] for r in records]) for label, key in series.items()},
                      path=out / "entropy.png", ylabel="attention (last layer)",
                      title=f"attention vs entropy of the {n} generated tokens")
@@ -272,16 +291,17 @@ def run(args) -> int:
                          "dtype": str(model.dtype).removeprefix("torch.")},
         "box": {"given": boxes, "convention": args.box_convention, "pixels": [list(b) for b in boxes_px],
                 "target_tokens": n_target, "image_tokens": int(span.positions.numel())},
-        "tokens": {"prompt": S, "generated": n},
+        "tokens": {"prompt": S, "generated": n, "system": n_system},
         "answer_rows": "the query rows that produced each generated token (last prompt row, then the rows of "
                        "generated tokens 0..n-2); token metrics at the last layer",
-        "vas": {"value": vas.mean(), "form": vas.form, "describe": vas.describe(),
+        "vas": {"value": vas.mean(), "form": vas.form, "rows": vas.rows, "describe": vas.describe(),
                 "per_layer": vas.per_layer[:, 0].tolist()},
-        "vas_share": {"value": vas_share.mean(), "form": vas_share.form, "describe": vas_share.describe(),
+        "vas_share": {"value": vas_share.mean(), "form": vas_share.form, "rows": vas_share.rows,
+                      "describe": vas_share.describe(),
                       "per_layer": vas_share.per_layer[:, 0].tolist()},
         "target_attention": {"layer": L - 1, "defined": n_target > 0,
                              **{f"{k}_mean": _finite_mean(r[k] for r in records) for k in ("a", "v", "R_a")}},
-        "mass_shares": {"layer": L - 1, **{name: profile[name][-1] for name in viz.PROFILE_CATEGORIES}},
+        "mass_shares": {"layer": L - 1, "rows": args.vas_rows, **{name: profile[name][-1] for name in viz.PROFILE_CATEGORIES}},
         "mass_shares_per_layer": {name: profile[name] for name in viz.PROFILE_CATEGORIES},
         "entropy_mean": _finite_mean(entropy.tolist()),
         "timing_s": {"load": t_loaded - t_start, "generate": t_generated - t_loaded, "outputs": t_done - t_generated,
@@ -290,6 +310,9 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2) + "\n", encoding="utf-8")
     print(answer)
     print(f"VAS {vas.mean():.4g} ({vas.describe()}); outputs in {out}/")
+    if n_system == 0:
+        print("note: the prompt has no system turn (this chat template adds none): VAS (ratio form) is undefined "
+              "and beta (system suppression) changes nothing; pass --system TEXT")
     return 0
 
 

@@ -4,8 +4,9 @@ Inputs are the per-layer masses of `attn_mod.capture` (L, B, Hq, Q, C) and the c
 recorded query rows (B, Q) / key slots (B, K). "Image" mass is IMAGE + TARGET.
 
 - VAS (AVAR):  mean over layers, heads and query rows i of  mass_img(i) / (mass_sys(i) + eps)  (ratio form,
-  eps = 1e-6) or  mass_img / (mass_img + mass_sys + eps)  (share form). Rows: RESPONSE (default) or all
-  rows after the last image token.
+  eps = 1e-6) or  mass_img / (mass_img + mass_sys + eps)  (share form). The rows are a named set (ROW_SETS,
+  `select_rows`): "response" (default, the spec's: RESPONSE rows), "answer" (the rows that produce answer
+  tokens: the last prompt row and every RESPONSE row), "after_image" (rows after the last visual token), "all".
 - Target attention (SAYO):  a(i) = mean_h mass_TARGET(i) / n_TARGET(i),  v(i) = mean_h mass_img(i) / n_img(i),
   n_X(i) = number of keys of set X visible to row i;  R_a(i) = 0.5 * (1 + tanh(log((a + eps) / (v + eps)))),
   eps = 1e-8, last layer by default.
@@ -16,18 +17,25 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TEXT, TokenCategory
+from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TokenCategory, category_name, prompt_end_index
 from .kernels.spec import NUM_CATEGORIES
 
 VAS_EPS = 1e-6
 SAYO_EPS = 1e-8
-ROW_SETS = ("response", "after_image", "all")
+ROW_SETS = ("response", "answer", "after_image", "all")
+ROW_SET_MEANING = {
+    "answer": "the rows that produce answer tokens (last prompt row + every response row)",
+    "response": "the response-token rows; the last prompt row, which chose the first answer token, is excluded",
+    "after_image": "every row after the last visual token",
+    "all": "every non-pad row",
+}
 
 
 def image_mass(mass: torch.Tensor) -> torch.Tensor:
@@ -38,8 +46,9 @@ def image_mass(mass: torch.Tensor) -> torch.Tensor:
 def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
     """(B, Q) bool of the query rows a metric averages over.
 
-    rows: "response" (RESPONSE rows), "after_image" (non-pad rows after the last visual token), "all"
-    (non-pad rows), or an explicit (B, Q) bool tensor.
+    rows: "response" (default: RESPONSE rows), "answer" (the rows that produce answer tokens: the last prompt row, i.e. the row before the first
+    RESPONSE row (or the last non-pad row when there is none), plus every RESPONSE row), "after_image" (non-pad rows after the last visual token), "all" (non-pad rows), or an explicit
+    (B, Q) bool tensor.
     """
     if isinstance(rows, torch.Tensor):
         if rows.shape != query_cats.shape:
@@ -48,6 +57,10 @@ def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
     cats = query_cats.long()
     if rows == "response":
         return cats == RESPONSE
+    if rows == "answer":
+        end = prompt_end_index(cats)[:, None]  # (B, 1); -1 for an all-pad row
+        pos = torch.arange(cats.shape[1], device=cats.device)[None, :]
+        return (cats == RESPONSE) | ((pos == end) & (end >= 0))
     if rows == "all":
         return cats != PAD
     if rows == "after_image":
@@ -58,9 +71,10 @@ def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
     raise ValueError(f"rows must be one of {ROW_SETS} or a (B, Q) bool tensor, got {rows!r}")
 
 
-@dataclass
+@dataclass(repr=False)
 class VASResult:
-    """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows."""
+    """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows
+    or, in the ratio form, no system mass (no system turn: the ratio is undefined, a warning says so)."""
 
     value: torch.Tensor
     per_layer: torch.Tensor
@@ -74,9 +88,27 @@ class VASResult:
         """Mean over the samples that have rows."""
         return float(self.value.nanmean())
 
+    def __repr__(self) -> str:
+        return (f"VASResult({self.form} form, rows={self.rows}, layers={_ranges(self.layers)}, "
+                f"B={self.value.shape[0]}, mean={self.mean():.4g})")
+
     def describe(self) -> str:
         formula = "mass_img/(mass_sys+eps)" if self.form == "ratio" else "mass_img/(mass_img+mass_sys+eps)"
-        return f"VAS ({self.form} form: {formula}, eps={self.eps:g}; rows={self.rows}; layers={list(self.layers)})"
+        meaning = ROW_SET_MEANING.get(self.rows)
+        rows = f"rows={self.rows}" + (f" ({meaning})" if meaning else "")
+        return f"VAS ({self.form} form: {formula}, eps={self.eps:g}; {rows}; layers={_ranges(self.layers)})"
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (short layer lists in reports)."""
+    out, run = [], []
+    for x in list(layers) + [None]:
+        if run and (x is None or x != run[-1] + 1):
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+            run = []
+        if x is not None:
+            run.append(x)
+    return ",".join(out) or "none"
 
 
 def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
@@ -95,6 +127,17 @@ def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: S
     score = img / (sys_ + eps) if form == "ratio" else img / (img + sys_ + eps)  # (L, B, H, Q)
     n = sel.sum(dim=1)  # (B,)
     per_head = (score * sel[None, :, None, :]).sum(-1) / n[None, :, None]  # (L, B, H); NaN if n == 0
+    if form == "ratio":
+        # No system mass at all (no system turn in the prompt): img / eps is not a ratio -> NaN.
+        sys_total = (sys_ * sel[None, :, None, :]).sum(dim=(0, 2, 3))  # (B,)
+        undefined = (sys_total == 0) & (n > 0)
+        if bool(undefined.any()):
+            warnings.warn(f"VAS (ratio form) is undefined for {int(undefined.sum())} of {B} sample(s): no attention "
+                          "mass on system tokens (the prompt has no system turn; Qwen3-VL's chat template adds none) "
+                          "-> reported as NaN. Give a system prompt (system: in a sweep config, --system on the "
+                          "command line); without one AVAR's beta (system suppression) changes nothing.",
+                          UserWarning, stacklevel=1)  # one call site: Python shows it once per process
+            per_head = torch.where(undefined[None, :, None], torch.full_like(per_head, float("nan")), per_head)
     per_layer = per_head.mean(dim=2)
     value = per_layer.mean(dim=0)
     return VASResult(value, per_layer, per_head.permute(0, 2, 1), tuple(layers) if layers else tuple(range(L)), form,
@@ -117,14 +160,37 @@ def visible_counts(key_cats: torch.Tensor, num_rows: int, causal: bool = True) -
     return oh.cumsum(dim=1)[:, K - num_rows:]
 
 
-@dataclass
+@dataclass(repr=False)
 class TargetAttention:
-    """SAYO per-token scores: a, v, R_a of shape (L, B, Q) (L = chosen layers); NaN where undefined."""
+    """SAYO per-token scores: a, v, R_a of shape (L, B, Q) (L = chosen layers); NaN where undefined (no
+    target / no image key visible). R_a is the one name of the SAYO quantity everywhere (per-token column
+    "R_a", inspect "R_a_mean", sweep "target_R_a")."""
 
     a: torch.Tensor
     v: torch.Tensor
-    reward: torch.Tensor
+    R_a: torch.Tensor
     layers: tuple[int, ...]
+    eps: float = SAYO_EPS
+
+    @property
+    def reward(self) -> torch.Tensor:
+        """Deprecated alias of `R_a`."""
+        return self.R_a
+
+    def mean(self, name: str = "R_a") -> float:
+        """Mean of `name` ("a", "v" or "R_a") over all layers, samples and rows where it is defined."""
+        if name not in ("a", "v", "R_a"):
+            raise ValueError(f"name must be 'a', 'v' or 'R_a', got {name!r}")
+        return float(getattr(self, name).float().nanmean())
+
+    def describe(self) -> str:
+        return ("SAYO target attention (a = mean_h mass_target / n_target, v = mean_h mass_image / n_image, "
+                f"R_a = 0.5*(1+tanh(log((a+eps)/(v+eps)))), eps={self.eps:g}; layers={_ranges(self.layers)})")
+
+    def __repr__(self) -> str:
+        L, B, Q = self.a.shape
+        return (f"TargetAttention(layers={_ranges(self.layers)}, B={B}, rows={Q}, a={self.mean('a'):.4g}, "
+                f"v={self.mean('v'):.4g}, R_a={self.mean('R_a'):.4g})")
 
 
 def target_attention_from_masses(masses: torch.Tensor, key_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
@@ -138,8 +204,8 @@ def target_attention_from_masses(masses: torch.Tensor, key_cats: torch.Tensor, *
     nan = torch.tensor(float("nan"), device=m.device)
     a = torch.where(n_target > 0, m[..., TARGET] / n_target.clamp_min(1), nan)
     v = torch.where(n_img > 0, image_mass(m) / n_img.clamp_min(1), nan)
-    reward = 0.5 * (1 + torch.tanh(torch.log((a + eps) / (v + eps))))
-    return TargetAttention(a, v, reward, tuple(layers) if layers else tuple(range(L)))
+    r_a = 0.5 * (1 + torch.tanh(torch.log((a + eps) / (v + eps))))
+    return TargetAttention(a, v, r_a, tuple(layers) if layers else tuple(range(L)), eps)
 
 
 def target_attention(rec, *, layers=(-1,), eps: float = SAYO_EPS, run: int = -1) -> TargetAttention:
@@ -157,13 +223,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
-MASS_COLUMNS = {f"mass_{c.name.lower()}": int(c) for c in TokenCategory if c != TokenCategory.PAD}
+# Per-token mass columns: mass_image is IMAGE + TARGET; its parts are mass_image_outside_target and mass_target.
+MASS_COLUMNS = {f"mass_{category_name(c)}": int(c) for c in TokenCategory if c != TokenCategory.PAD}
 
 
 def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[Sequence[str]] | None = None,
                       entropy: torch.Tensor | None = None, rows="all") -> list[dict]:
-    """A tidy table (list of dicts) with one row per (sample, query token): category, head-mean masses per
-    category at `layer`, image mass, SAYO a / v / R_a, optional token text and entropy (B, Q)."""
+    """A tidy table (list of dicts) with one row per (sample, query token): category, head-mean masses at
+    `layer` (mass_image = IMAGE + TARGET, and per code: mass_system, mass_text, mass_image_outside_target,
+    mass_target, mass_response), SAYO a / v / R_a, optional token text and entropy (B, Q)."""
     mass = rec.mass(layer, run).float().mean(dim=1)  # (B, Q, C)
     qcats = rec.query_categories(run)
     ta = target_attention(rec, layers=(layer,), run=run)
@@ -173,13 +241,13 @@ def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[S
     out = []
     for b in range(B):
         for i in sel[b].nonzero().flatten().tolist():
-            row = {"sample": b, "position": K - Q + i, "category": TokenCategory(int(qcats[b, i])).name.lower()}
+            row = {"sample": b, "position": K - Q + i, "category": category_name(int(qcats[b, i]))}
             if tokens is not None:
                 row["token"] = tokens[b][i]
+            row["mass_image"] = float(image_mass(mass[b, i]))
             for name, code in MASS_COLUMNS.items():
                 row[name] = float(mass[b, i, code])
-            row["mass_image_all"] = float(image_mass(mass[b, i]))
-            row["a"], row["v"], row["R_a"] = (float(t[0, b, i]) for t in (ta.a, ta.v, ta.reward))
+            row["a"], row["v"], row["R_a"] = (float(t[0, b, i]) for t in (ta.a, ta.v, ta.R_a))
             if entropy is not None:
                 row["entropy"] = float(entropy[b, i])
             out.append(row)
@@ -208,6 +276,6 @@ def write_csv(records: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["ROW_SETS", "TargetAttention", "VASResult", "image_mass", "per_token_records", "select_rows",
-           "target_attention", "target_attention_from_masses", "token_entropy", "vas", "vas_from_masses",
-           "visible_counts", "write_csv", "write_jsonl", "TEXT"]
+__all__ = ["ROW_SETS", "ROW_SET_MEANING", "TargetAttention", "VASResult", "image_mass", "per_token_records",
+           "select_rows", "target_attention", "target_attention_from_masses", "token_entropy", "vas",
+           "vas_from_masses", "visible_counts", "write_csv", "write_jsonl"]

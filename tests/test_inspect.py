@@ -14,8 +14,8 @@ from attn_mod.tiny import save_tiny
 
 FILES = ("answer.txt", "metrics.json", "tokens.jsonl", "heatmap.png", "heatmap_layers.png", "tokens.png",
          "tokens.html", "layers.png", "entropy.png")
-# heatmap_layers: 2 panels of 2.6 in + colour bar; 1-line title + one row of panels of the 240x150 image
-PNG_SIZES = {"heatmap.png": (700, 600), "heatmap_layers.png": (620, int(100 * (0.61 + 0.92 * 2.6 * 150 / 240 + 0.55))),
+# heatmap_layers: 2 panels of 2.6 in + 1.3 in colour bar; 1-line title + one row of panels of the 240x150 image
+PNG_SIZES = {"heatmap.png": (700, 600), "heatmap_layers.png": (650, int(100 * (0.61 + 0.92 * 2.6 * 150 / 240 + 0.55))),
              "layers.png": (1100, 420), "entropy.png": (800, 450)}
 
 
@@ -86,9 +86,12 @@ def test_inspect_end_to_end_with_box_and_avar(assets, capsys):
         assert all(math.isfinite(r[name]) for r in recs)
         assert ta[f"{name}_mean"] == pytest.approx(_mean([r[name] for r in recs]), rel=1e-6)
     shares = m["mass_shares"]
-    for share, column in (("image", "mass_image_all"), ("target", "mass_target"), ("system", "mass_system"),
+    assert shares["rows"] == "response"  # the VAS row set (--vas-rows); tokens.jsonl lists the answer rows
+    resp = [r for r in recs if r["category"] == "response"]
+    for share, column in (("image", "mass_image"), ("target", "mass_target"), ("system", "mass_system"),
+                          ("image_outside_target", "mass_image_outside_target"),
                           ("text", "mass_text"), ("response", "mass_response")):
-        assert shares[share] == pytest.approx(_mean([r[column] for r in recs]), abs=1e-6)
+        assert shares[share] == pytest.approx(_mean([r[column] for r in resp]), abs=1e-6)
         assert m["mass_shares_per_layer"][share][-1] == pytest.approx(shares[share], abs=1e-9)
     assert sum(shares[c] for c in ("image", "system", "text", "response")) == pytest.approx(1, abs=1e-5)
     assert m["entropy_mean"] == pytest.approx(_mean([r["entropy"] for r in recs]), rel=1e-6)

@@ -1,6 +1,7 @@
 """End-to-end sweeps on a tiny saved model and a generated local TSV: files, consistency, resume, retune."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_kill_and_resume_gives_same_results(workspace, monkeypatch):
     with open(root / "crash" / "results.jsonl", "a") as f:
         f.write('{"cell": "identity", "data')
     monkeypatch.setattr(sweep_mod, "generate_batch", real)
-    with pytest.warns(UserWarning, match="torn line"):
+    with pytest.warns(UserWarning, match="torn last line"):
         resumed = run_sweep(cfg, progress=False)
     assert resumed.new_records == 30 - len(partial)
     rows, got = keys_and_predictions(resumed.paths["results"])
@@ -178,3 +179,171 @@ def test_result_store_refuses_duplicates(tmp_path):
     with pytest.raises(RuntimeError, match="duplicate"):
         store.append([{"cell": "a", "dataset": "d", "sample_id": "1", "correct": False}])
     assert ResultStore(tmp_path / "r.jsonl").done == {("a", "d", "1")}
+
+
+def test_failed_eval_writes_nothing_and_the_corrected_command_runs(workspace, tmp_path, capsys):
+    """Issue 8 item 2: a typo in --model / --data / --device leaves the output folder untouched."""
+    root, model_dir, tsv = workspace
+    out = tmp_path / "ev"
+    base = ["eval", "--data", str(tsv), "--limit", "2", "--max-new-tokens", "2", "--out", str(out), "--no-progress"]
+    assert cli_main(["eval", "--model", str(model_dir) + "l", *base[1:]]) == 2
+    assert "not a directory" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "missing.tsv"), *base[3:]]) == 2
+    assert not out.exists()
+    assert cli_main(["eval", "--model", str(model_dir), "--device", "cuda:7", *base[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda:7'" in err and "Traceback" not in err and not out.exists()
+    # a manifest left by an older failed run (no results) does not block the folder either
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"model": "runs/demo/modell"}))
+    assert cli_main(["eval", "--model", str(model_dir), *base[1:]]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 * 2  # baseline + avar, 2 samples
+    # a different model on stored results is refused, --no-resume starts over
+    assert cli_main(["eval", "--model", "tiny:qwen3_vl", *base[1:]]) == 2
+    assert "--no-resume" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", "tiny:qwen3_vl", "--no-resume", *base[1:]]) == 0
+
+
+def test_clean_one_line_errors_and_ctrl_c(workspace, tmp_path, capsys, monkeypatch):
+    """Issue 8 item 3: --device cuda without CUDA, --backend triton on CPU, Ctrl-C: one line each."""
+    root, model_dir, tsv = workspace
+    base = ["eval", "--model", str(model_dir), "--data", str(tsv), "--limit", "2", "--max-new-tokens", "2",
+            "--no-progress"]
+    if not torch.cuda.is_available():
+        assert cli_main([*base, "--device", "cuda", "--out", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "use --device cpu" in err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli_main([*base, "--backend", "triton", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA device" in err and "--backend torch" in err
+    calls = {"n": 0}
+    real = sweep_mod.generate_batch
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "generate_batch", interrupted)
+    assert cli_main([*base, "--batch-size", "1", "--out", str(tmp_path / "c")]) == 130
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "1 result rows are saved" in last and "rerun the same command to resume" in last
+    assert cli_main([*base, "--batch-size", "1", "--out", str(tmp_path / "c")]) == 0  # resumes
+
+
+def test_config_paths_resolve_against_the_yaml_file(workspace, tmp_path, monkeypatch):
+    """Issue 8 item 4: relative paths in a sweep YAML are relative to the YAML, wherever it is run from."""
+    from attn_mod.eval.sweep_config import load_sweep_config
+
+    root, model_dir, tsv = workspace
+    cfg_dir = tmp_path / "configs" / "sweeps"
+    cfg_dir.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "b.tsv").write_bytes(tsv.read_bytes())
+    p = cfg_dir / "s.yaml"
+    p.write_text(yaml.safe_dump({"model": "tiny:qwen2_5_vl", "grid": None, "output_dir": "../../runs/x",
+                                 "datasets": [{"path": "../../data/b.tsv", "name": "synth", "image_root": "imgs"}],
+                                 "generation": {"max_new_tokens": 2}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_sweep_config(p)
+    assert Path(cfg.datasets[0].path).resolve() == (tmp_path / "data" / "b.tsv").resolve()
+    assert Path(cfg.datasets[0].image_root).resolve() == (cfg_dir / "imgs").resolve()
+    assert Path(cfg.output_dir).resolve() == (tmp_path / "runs" / "x").resolve()
+    assert cfg.model == "tiny:qwen2_5_vl"
+    assert load_sweep_config(p, overrides={"output_dir": "o"}).output_dir == "o"  # CLI: relative to the cwd
+    assert cli_main(["sweep", str(p), "--limit", "1", "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "x" / "results.jsonl").exists()
+    shipped = load_sweep_config(Path(__file__).parents[1] / "configs" / "sweeps" / "tiny_avar.yaml")
+    assert Path(shipped.output_dir).resolve() == (Path(__file__).parents[1] / "runs" / "demo" / "sweep").resolve()
+
+
+def test_summary_compares_cells_on_the_same_samples(workspace):
+    """Issue 8 item 5: a cell run with --limit is not compared with a baseline over more samples."""
+    root, model_dir, tsv = workspace
+    full = run_sweep(config(root, model_dir, tsv, "same", grid=None), progress=False)  # baseline, 6 samples
+    assert full.summary["rows"][0]["n"] == 6
+    cfg = config(root, model_dir, tsv, "same", grid={"preset": "avar", "alpha": [0.5], "beta": [0.5]})
+    res = run_sweep(cfg, progress=False, limit=2)
+    assert res.new_records == 2
+    by = {r["cell"]: r for r in res.summary["rows"]}
+    assert by["identity"]["n"] == by["avar(alpha=0.5,beta=0.5)"]["n"] == 2
+    rows = [json.loads(x) for x in open(res.paths["results"])]
+    first2 = {r["sample_id"] for r in rows if r["cell"] != "identity"}
+    base = [r for r in rows if r["cell"] == "identity" and r["sample_id"] in first2]
+    assert by["identity"]["accuracy"] == pytest.approx(sum(r["correct"] for r in base) / 2)
+    md = res.paths["markdown"].read_text()
+    assert "n per dataset: synth=2" in md and "(n=" not in md
+    # a cell with fewer rows than the sample set (interrupted) is marked
+    from attn_mod.eval.summary import markdown_table, summarize
+
+    cells = cfg.build_cells()
+    partial = [r for r in rows if not (r["cell"] != "identity" and r["sample_id"] == sorted(first2)[0])]
+    s = summarize(partial, cells, ["synth"], sample_ids={"synth": sorted(first2)})
+    md = markdown_table(s)
+    assert "(n=1)" in md and "fewer evaluated samples" in md
+
+
+def test_cli_is_fast_and_heatmaps_are_drawn_once(workspace, tmp_path, monkeypatch):
+    """Issue 8 item 12: --help and validation errors import neither torch nor transformers; a sweep draws its
+    heatmaps once, at the end (also when a resumed sweep has nothing to do)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom attn_mod.cli import main\n"
+             "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules], code)\n")
+
+    def heavy(*argv):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path).stdout
+        return out.strip().splitlines()[-1]
+
+    assert heavy("--help") == "HEAVY [] 0"
+    assert heavy("eval", "--help") == "HEAVY [] 0"
+    assert heavy("sweep", "--help") == "HEAVY [] 0"
+    assert heavy("sweep", str(tmp_path / "missing.yaml")) == "HEAVY [] 2"
+    assert "'transformers'" not in heavy("eval", "--model", str(tmp_path / "nope"), "--data", "x.tsv")
+
+    from attn_mod.eval import summary as summary_mod
+
+    calls = []
+    real = summary_mod.heatmaps
+    monkeypatch.setattr(summary_mod, "heatmaps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    root, model_dir, tsv = workspace
+    cfg = config(root, model_dir, tsv, "once")
+    res = run_sweep(cfg, progress=False, limit=2)
+    assert len(calls) == 1 and res.paths["heatmap_synth"].exists()
+    assert run_sweep(cfg, progress=False, limit=2).new_records == 0 and len(calls) == 2
+
+
+def test_heatmap_pictures_scale_baseline_and_single_cell(tmp_path, monkeypatch):
+    """Issue 8 item 13: fixed 0-100 accuracy scale, change from the baseline, bars instead of a 1x1 heatmap."""
+    from matplotlib.axes import Axes
+
+    from attn_mod.eval import summary as summary_mod
+
+    seen = []
+    real = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, *a, **k: seen.append(k) or real(self, *a, **k))
+    texts = []
+    real_text = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: texts.append(s) or real_text(self, x, y, s, *a, **k))
+    cells = [Cell.make("identity", {}, name="baseline")] + [Cell.make("avar", {"alpha": a, "beta": b})
+                                                            for a in (0.0, 0.5) for b in (0.0, 0.5)]
+    recs = [{"cell": c.id, "dataset": "d", "sample_id": str(i), "correct": i == 0, "answer_type": "choice",
+             "category": None, "extracted": "A", "method": "x"} for c in cells for i in range(4)]
+    s = summary_mod.summarize(recs, cells, ["d"])
+    paths = summary_mod.heatmaps(s, tmp_path)
+    assert seen and all(k["vmin"] == 0.0 and k["vmax"] == 100.0 for k in seen)  # constant 25 %: still 0-100
+    assert any("(+0.0)" in t for t in texts)
+    one = [cells[0], cells[1]]
+    s1 = summary_mod.summarize([r for r in recs if r["cell"] in (one[0].id, one[1].id)], one, ["d"])
+    seen.clear()
+    (tmp_path / "one").mkdir()
+    (p,) = summary_mod.heatmaps(s1, tmp_path / "one")
+    assert not seen and Image.open(p).size[0] < Image.open(paths[0]).size[0] * 1.5  # a bar chart, no imshow

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import load_config
-from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig
+# Only argparse at import time (fast --help); configs are validated before the runner (torch, transformers)
+# is imported.
+
+
+def _add_resume(p: argparse.ArgumentParser, folder: str) -> None:
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"skip samples and cells already in {folder}/results.jsonl (default); "
+                        "--no-resume deletes them and starts over")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="sweep YAML (see configs/sweeps/)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip samples and cells already in OUTPUT_DIR/results.jsonl (default); "
-                        "--no-resume deletes them and starts over")
+    _add_resume(p, "OUTPUT_DIR")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each dataset")
-    p.add_argument("--output-dir", default=None, help="override output_dir of the config")
+    p.add_argument("--output-dir", default=None, help="override output_dir of the config (relative to the "
+                   "current folder; relative paths inside the YAML are relative to the YAML file)")
     p.add_argument("--device", default=None, help="override device of the config (cpu, cuda, cuda:1 ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -26,16 +31,27 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--raw", action="store_true", help="AVAR without renormalisation (literal element-wise)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="layers of the intervention: indices, 'start:stop' or 'all' (default: the preset's; pai "
+                        "and vaf defaults are fractions of the depth)")
+    p.add_argument("--enhance", type=float, default=None, help="vaf: image-key score factor (default 1.15)")
+    p.add_argument("--suppress", type=float, default=None, help="vaf: system-key score factor (default 0.95)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the unpatched model (default)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own; Qwen3-VL "
+                   "has none, and without one beta does nothing and VAS is undefined)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    _add_resume(p, "OUT")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"])
     p.add_argument("--attention-metrics", action="store_true", help="record VAS / target attention per sample")
+    p.add_argument("--vas-rows", default="response", choices=["response", "answer", "after_image", "all"],
+                   help="query rows of VAS (default response: the generated-token rows; answer: also the last "
+                        "prompt row, see attn_mod.metrics.select_rows)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -48,27 +64,46 @@ def _print_result(result) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from pathlib import Path
+
+    if not Path(args.config).is_file():  # before torch is imported
+        raise FileNotFoundError(f"config file {args.config!r} not found")
+    from .sweep_config import check_model, load_sweep_config
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
-    cfg = load_config(SweepConfig, args.config, overrides=overrides)
+    cfg = load_sweep_config(args.config, overrides=overrides)
+    check_model(cfg)
+    from .sweep import run_sweep
+
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .sweep import run_sweep
+    from ..intervention import parse_layer_spec
+    from .sweep_config import PRESET_PARAMS, CellConfig, DatasetConfig, GenerationConfig, SweepConfig, check_model
 
-    params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta)) if v is not None}
-    if args.preset == "avar" and args.raw:
+    params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("layers", parse_layer_spec(args.layers)),
+                                ("enhance", args.enhance), ("suppress", args.suppress)) if v is not None}
+    if args.raw:
         params["renorm"] = False
+    allowed = PRESET_PARAMS[args.preset]
+    wrong = [k for k in params if k not in allowed]
+    if wrong:
+        flags = ", ".join("--raw" if k == "renorm" else f"--{k}" for k in wrong)
+        raise ValueError(f"--preset {args.preset} does not take {flags} (it takes "
+                         f"{', '.join('--' + k for k in allowed if k != 'renorm') or 'no parameters'})")
     cells = [] if args.preset == "identity" else [CellConfig(preset=args.preset, params=params)]
     cfg = SweepConfig(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                       datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
                       include_baseline=args.baseline or args.preset == "identity",
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-                      attention_metrics=args.attention_metrics, output_dir=args.out)
+                      attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, system=args.system,
+                      output_dir=args.out)
     cfg.validate()
-    _print_result(run_sweep(cfg, limit=args.limit, progress=not args.no_progress))
+    check_model(cfg)
+    from .sweep import run_sweep
+
+    _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 

@@ -8,8 +8,10 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from .benchmark_metrics import HEADLINE, metric_for
+from .benchmark_metrics import compute as compute_benchmark
 from .scoring import aggregate
 from .sweep_config import Cell
 
@@ -21,8 +23,13 @@ def _mean(values):
     return sum(vals) / len(vals) if vals else None
 
 
-def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence[str]) -> dict:
-    """{"rows": [...one per (cell, dataset)...], "best": {dataset: cell id}, "baseline": id or None}."""
+def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence[str],
+              metrics: Mapping[str, str] | None = None) -> dict:
+    """{"rows": [...one per (cell, dataset)...], "best": {dataset: cell id}, "baseline": id or None}.
+
+    `metrics` maps a dataset to its benchmark score (`benchmark_metrics.METRICS`; default: chosen by name); a
+    row of a dataset with one gets ``"benchmark": {...}`` (e.g. MMBench circular accuracy)."""
+    metrics = {ds: (metrics or {}).get(ds) or metric_for(ds) for ds in datasets}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["cell"], r["dataset"])].append(r)
@@ -38,6 +45,9 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
             for m in METRIC_COLUMNS:
                 if any(m in r for r in recs):
                     row[m] = _mean(r.get(m) for r in recs)
+            bench = compute_benchmark(metrics[ds], recs)
+            if bench is not None:
+                row["benchmark"] = bench
             rows.append(row)
     baseline = next((c.id for c in cells if c.preset == "identity"), None)
     best, beats = {}, {}
@@ -49,7 +59,7 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
             best[ds] = top["cell"]
             beats[ds] = base is None or top["accuracy"] > base
     return {"rows": rows, "best": best, "best_beats_baseline": beats, "baseline": baseline,
-            "datasets": list(datasets), "cells": [c.id for c in cells]}
+            "datasets": list(datasets), "cells": [c.id for c in cells], "metrics": metrics}
 
 
 def _pct(x) -> str:
@@ -84,7 +94,29 @@ def markdown_table(summary: dict) -> str:
         lines.append("No cell beats the baseline on: " + ", ".join(tied) + ".")
     if has_vas:
         lines.append("VAS: ratio form mass_img/(mass_sys+1e-6), mean over layers, heads and answer tokens.")
+    lines += _benchmark_tables(summary, by)
     return "\n".join(lines) + "\n"
+
+
+def _benchmark_tables(summary: dict, by: dict) -> list[str]:
+    """One table per dataset with a benchmark score (MMBench circular, POPE F1, MME points, ...): cells x its
+    headline columns."""
+    lines = []
+    for ds in summary["datasets"]:
+        metric = summary.get("metrics", {}).get(ds, "accuracy")
+        cols = HEADLINE.get(metric)
+        if not cols:
+            continue
+        head = ["cell"] + [f"{label} {unit}" for _, label, unit in cols]
+        lines += ["", f"{ds} ({metric}, as the benchmark reports it):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for cell in summary["cells"]:
+            bench = by[(cell, ds)].get("benchmark") or {}
+            vals = [bench.get(key) for key, _, _ in cols]
+            lines.append("| " + " | ".join([cell] + [
+                "-" if v is None else (_pct(v) if unit == "%" else f"{v:.1f}")
+                for v, (_, _, unit) in zip(vals, cols)]) + " |")
+    return lines
 
 
 def heatmaps(summary: dict, out_dir: Path) -> list[Path]:

@@ -29,6 +29,7 @@ from .datasets import Benchmark, load_benchmark
 from .generation import Request, generate_batch
 from .prompts import COT_INSTRUCTIONS, DEFAULT_INSTRUCTIONS, build_prompt
 from .results import ResultStore
+from .benchmark_metrics import metric_for, record_fields
 from .scoring import score
 from .summary import summarize, write_summary
 from .sweep_config import Cell, DatasetConfig, SweepConfig
@@ -70,6 +71,9 @@ def _manifest(cfg: SweepConfig) -> dict:
     return json.loads(json.dumps({k: full[k] for k in MANIFEST_KEYS}, default=str))
 
 
+_RESCORABLE = ("limit", "metric")  # dataset settings that do not change stored rows
+
+
 def _check_manifest(out: Path, cfg: SweepConfig) -> None:
     path = out / "manifest.json"
     new = _manifest(cfg)
@@ -82,8 +86,8 @@ def _check_manifest(out: Path, cfg: SweepConfig) -> None:
         old_ds = {d.get("name") or d["path"]: d for d in old.get("datasets", [])}
         for d in new["datasets"]:
             prev = old_ds.get(d.get("name") or d["path"])
-            if prev is not None and {k: v for k, v in prev.items() if k != "limit"} != \
-                    {k: v for k, v in d.items() if k != "limit"}:
+            if prev is not None and {k: v for k, v in prev.items() if k not in _RESCORABLE} != \
+                    {k: v for k, v in d.items() if k not in _RESCORABLE}:
                 raise ValueError(f"{out}: dataset {d.get('name') or d['path']!r} settings changed since the "
                                  "stored results; use another output_dir, or --no-resume to start over")
     path.write_text(json.dumps(new, indent=2))
@@ -133,6 +137,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
     cells = cfg.build_cells()
     datasets = [(d, open_dataset(d, limit)) for d in cfg.datasets]
     names = [bench.name for _, bench in datasets]
+    scorers = {bench.name: metric_for(bench.name, d.metric) for d, bench in datasets}
     samples = {bench.name: list(bench) for _, bench in datasets}  # lazy images: nothing decoded yet
     total = sum(len(v) for v in samples.values()) * len(cells)
     todo = sum(1 for c in cells for n in names for s in samples[n] if (c.id, n, s.sample_id) not in store.done)
@@ -159,11 +164,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
                     store.append(records)
                     new_records += len(records)
                     bar.update(len(records))
-            paths = write_summary(summarize(store.load(), cells, names), out)
+            paths = write_summary(summarize(store.load(), cells, names, scorers), out)
     finally:
         bar.close()
         handle.remove()
-    summary = summarize(store.load(), cells, names)
+    summary = summarize(store.load(), cells, names, scorers)
     paths = write_summary(summary, out)
     paths["results"] = results_path
     return SweepResult(summary, paths, new_records, out)
@@ -193,5 +198,6 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
         res = score(s, o.text)
         records.append({"cell": cell.id, "dataset": dataset, **s.to_record(), "prediction": o.text,
                         "extracted": res.extracted, "correct": res.correct, "method": res.method,
-                        "n_tokens": len(o.token_ids), "seconds": round(seconds, 4), **m})
+                        "n_tokens": len(o.token_ids), "seconds": round(seconds, 4), **m,
+                        **({"meta": meta} if (meta := record_fields(s)) else {})})
     return records

@@ -42,10 +42,16 @@ class DatasetConfig:
     instructions: Literal["default", "cot"] = "default"
     template: str | None = None
     system: str | None = None
+    metric: str | None = None  # benchmark score (attn_mod.eval.benchmark_metrics); None: chosen by name
 
     def validate(self):
         if not self.path:
             raise ValueError("every dataset needs a path")
+        if self.metric is not None:
+            from .benchmark_metrics import METRICS
+
+            if self.metric not in METRICS:
+                raise ValueError(f"dataset metric {self.metric!r} is unknown; choose one of {sorted(METRICS)}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"dataset limit must be >= 0, got {self.limit}")
 

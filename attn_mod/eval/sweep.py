@@ -183,8 +183,10 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
                   top_p=gen.top_p, seed=seed)
     if cfg.attention_metrics:
-        boxes = [[(0, box) for box in s.bbox] if s.bbox else [] for s in chunk]
-        sizes = [(im.height, im.width) for r in requests for im in r.images]
+        # a sample's box is on its first image, wherever (and as often as) the prompt places it
+        boxes = [[(j, box) for j, i in enumerate(r.layout()[1]) if i == 0 for box in s.bbox] if s.bbox else []
+                 for s, r in zip(chunk, requests)]
+        sizes = [(im.height, im.width) for r in requests for im in r.placed_images()]
         handle.set_target(boxes=boxes, images=sizes) if any(boxes) else handle.set_target(None)
         with capture(model) as rec:
             outs = generate_batch(model, processor, requests, **kwargs)

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"])
     p.add_argument("--samples", type=int, default=12, help="synthetic benchmark size")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the sweep rows already in OUT/sweep/results.jsonl (default); --no-resume starts over")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -37,7 +39,7 @@ def run(args) -> int:
                       generation=GenerationConfig(max_new_tokens=8, batch_size=4), attention_metrics=True,
                       output_dir=str(out / "sweep"))
     cfg.validate()
-    result = run_sweep(cfg, progress=not args.no_progress)
+    result = run_sweep(cfg, resume=args.resume, progress=not args.no_progress)
     print(result.paths["markdown"].read_text())
     print(f"sweep results: {result.output_dir}/ (results.jsonl, summary.csv, results.md, heatmap_synthetic.png)")
 

@@ -9,7 +9,9 @@ heatmap_layers.png (one panel per layer), tokens.png / tokens.html, layers.png, 
 Per generated token t the numbers come from the query row that produced it (the last prompt row for
 t = 0, then the row of token t-1): its attention while choosing token t, and the entropy of the
 distribution token t was chosen from (raw logits, temperature 1). These "answer rows" are the rows of
-every answer metric (VAS, a / v / R_a, mass shares) and of heatmap.png.
+the per-token metrics (a / v / R_a) and of heatmap.png; VAS and the mass shares use the named row set of
+--vas-rows (default "answer": the same rows, through `attn_mod.metrics.vas_from_masses`, as the API's
+`metrics.vas(rec)`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     renorm.add_argument("--raw", dest="renorm", action="store_false", help="avar: literal element-wise weights")
     parser.add_argument("--layers", nargs="+", default=None,
                         help="layers the intervention applies to: indices, 'start:stop' or 'all' (preset default)")
+    parser.add_argument("--vas-rows", default="answer", choices=("answer", "response", "after_image", "all"),
+                        help="query rows of VAS and the mass shares (default answer: the rows that produce the "
+                             "answer tokens; see attn_mod.metrics.select_rows)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -222,10 +226,9 @@ def run(args) -> int:
     qcats = rec.query_categories().cpu()
     masses = rec.masses().cpu()  # (L, 1, Hq, Q, C)
     L = masses.shape[0]
-    rows_name = "answer (the rows that produced the generated tokens)"
-    vas = replace(vas_from_masses(masses, qcats, rows=answer_rows, form="ratio"), rows=rows_name)
-    vas_share = replace(vas_from_masses(masses, qcats, rows=answer_rows, form="share"), rows=rows_name)
-    profile = viz.layer_profile(masses, qcats, rows=answer_rows)
+    vas = vas_from_masses(masses, qcats, rows=args.vas_rows, form="ratio")
+    vas_share = vas_from_masses(masses, qcats, rows=args.vas_rows, form="share")
+    profile = viz.layer_profile(masses, qcats, rows=args.vas_rows)
     key_cats = rec.categories[0].cpu()
     n_target = int((key_cats[:S] == TARGET).sum())
     span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
@@ -251,7 +254,7 @@ def run(args) -> int:
     for suffix in ("png", "html"):
         viz.token_text_figure([r["token"] for r in records], [r[color_key] for r in records],
                               path=out / f"tokens.{suffix}", label=color_label, title=title, vmin=None)
-    viz.layer_curves(masses, qcats, rows=answer_rows, path=out / "layers.png",
+    viz.layer_curves(masses, qcats, rows=args.vas_rows, path=out / "layers.png",
                      title=f"{rows_text}, {intervention.describe()}")
     series = ({"a (target, per token)": "a", "v (image, per token)": "v"} if n_target else
               {"image mass": "mass_image_all"})
@@ -275,13 +278,14 @@ def run(args) -> int:
         "tokens": {"prompt": S, "generated": n},
         "answer_rows": "the query rows that produced each generated token (last prompt row, then the rows of "
                        "generated tokens 0..n-2); token metrics at the last layer",
-        "vas": {"value": vas.mean(), "form": vas.form, "describe": vas.describe(),
+        "vas": {"value": vas.mean(), "form": vas.form, "rows": vas.rows, "describe": vas.describe(),
                 "per_layer": vas.per_layer[:, 0].tolist()},
-        "vas_share": {"value": vas_share.mean(), "form": vas_share.form, "describe": vas_share.describe(),
+        "vas_share": {"value": vas_share.mean(), "form": vas_share.form, "rows": vas_share.rows,
+                      "describe": vas_share.describe(),
                       "per_layer": vas_share.per_layer[:, 0].tolist()},
         "target_attention": {"layer": L - 1, "defined": n_target > 0,
                              **{f"{k}_mean": _finite_mean(r[k] for r in records) for k in ("a", "v", "R_a")}},
-        "mass_shares": {"layer": L - 1, **{name: profile[name][-1] for name in viz.PROFILE_CATEGORIES}},
+        "mass_shares": {"layer": L - 1, "rows": args.vas_rows, **{name: profile[name][-1] for name in viz.PROFILE_CATEGORIES}},
         "mass_shares_per_layer": {name: profile[name] for name in viz.PROFILE_CATEGORIES},
         "entropy_mean": _finite_mean(entropy.tolist()),
         "timing_s": {"load": t_loaded - t_start, "generate": t_generated - t_loaded, "outputs": t_done - t_generated,

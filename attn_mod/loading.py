@@ -7,6 +7,7 @@ torchvision (video processors) fall back to the PIL image processor without vide
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +20,52 @@ def parse_dtype(name: str):
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+BACKENDS = ("auto", "torch", "triton", "flex")
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device, or a ValueError naming the fix (no CUDA build / no such GPU / bad name)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} is not available: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible; "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine; use --device cpu")
+    return dev
+
+
+def check_backend(backend: str, device: str | torch.device) -> str:
+    """Validate an attention backend for `device` before any model is loaded (ValueError naming the fix)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    dev = torch.device(device)
+    if backend == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs a CUDA device (device is {str(dev)!r}); use --backend torch (or "
+                         "auto) on CPU, or set TRITON_INTERPRET=1 to run the kernels in the slow interpreter")
+    if backend == "flex" and dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"backend 'flex' does not run on {dev.type}; use --backend torch")
+    return backend
+
+
+def check_model_path(path: str | Path) -> str:
+    """Cheap checks of a local checkpoint before loading it: a directory with config.json of a supported
+    family. Returns its model_type (FileNotFoundError / ValueError naming the fix)."""
+    from .models import ADAPTERS, SUPPORTED_FAMILIES
+
+    model_type = model_type_of(path)
+    if not any(model_type in a.model_types for a in ADAPTERS):
+        raise ValueError(f"{path} is a {model_type!r} model; attn-mod supports the VLM families "
+                         f"{', '.join(SUPPORTED_FAMILIES)} (other decoders: attn_mod.patch(model, categories='explicit'))")
+    return model_type
 
 
 def model_type_of(path: str | Path) -> str:
@@ -56,15 +103,11 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "auto"):
 
     Raises a ValueError naming the supported families when the checkpoint is not a supported VLM.
     """
+    model_type = check_model_path(path)
+    torch_dtype = parse_dtype(dtype)
+    check_device(device)
     from transformers import AutoModelForImageTextToText
 
-    from .models import ADAPTERS, SUPPORTED_FAMILIES
-
-    model_type = model_type_of(path)
-    if not any(model_type in a.model_types for a in ADAPTERS):
-        raise ValueError(f"{path} is a {model_type!r} model; attn-mod supports the VLM families "
-                         f"{', '.join(SUPPORTED_FAMILIES)} (other decoders: attn_mod.patch(model, categories='explicit'))")
-    torch_dtype = parse_dtype(dtype)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     model = model.to(device).eval()
     return model, load_processor(path, model_type)

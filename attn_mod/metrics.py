@@ -4,8 +4,9 @@ Inputs are the per-layer masses of `attn_mod.capture` (L, B, Hq, Q, C) and the c
 recorded query rows (B, Q) / key slots (B, K). "Image" mass is IMAGE + TARGET.
 
 - VAS (AVAR):  mean over layers, heads and query rows i of  mass_img(i) / (mass_sys(i) + eps)  (ratio form,
-  eps = 1e-6) or  mass_img / (mass_img + mass_sys + eps)  (share form). Rows: RESPONSE (default) or all
-  rows after the last image token.
+  eps = 1e-6) or  mass_img / (mass_img + mass_sys + eps)  (share form). The rows are a named set (ROW_SETS,
+  `select_rows`): "answer" (default: the rows that produce answer tokens, i.e. the last prompt row and every
+  RESPONSE row), "response" (RESPONSE rows only), "after_image" (rows after the last visual token), "all".
 - Target attention (SAYO):  a(i) = mean_h mass_TARGET(i) / n_TARGET(i),  v(i) = mean_h mass_img(i) / n_img(i),
   n_X(i) = number of keys of set X visible to row i;  R_a(i) = 0.5 * (1 + tanh(log((a + eps) / (v + eps)))),
   eps = 1e-8, last layer by default.
@@ -22,12 +23,18 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TEXT, TokenCategory
+from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TokenCategory, prompt_end_index
 from .kernels.spec import NUM_CATEGORIES
 
 VAS_EPS = 1e-6
 SAYO_EPS = 1e-8
-ROW_SETS = ("response", "after_image", "all")
+ROW_SETS = ("answer", "response", "after_image", "all")
+ROW_SET_MEANING = {
+    "answer": "the rows that produce answer tokens (last prompt row + every response row)",
+    "response": "response-token rows (the first answer token's row, the last prompt row, excluded)",
+    "after_image": "every row after the last visual token",
+    "all": "every non-pad row",
+}
 
 
 def image_mass(mass: torch.Tensor) -> torch.Tensor:
@@ -35,11 +42,13 @@ def image_mass(mass: torch.Tensor) -> torch.Tensor:
     return mass[..., IMAGE] + mass[..., TARGET]
 
 
-def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
+def select_rows(query_cats: torch.Tensor, rows="answer") -> torch.Tensor:
     """(B, Q) bool of the query rows a metric averages over.
 
-    rows: "response" (RESPONSE rows), "after_image" (non-pad rows after the last visual token), "all"
-    (non-pad rows), or an explicit (B, Q) bool tensor.
+    rows: "answer" (the rows that produce answer tokens: the last prompt row, i.e. the row before the first
+    RESPONSE row (or the last non-pad row when there is none), plus every RESPONSE row), "response" (RESPONSE
+    rows), "after_image" (non-pad rows after the last visual token), "all" (non-pad rows), or an explicit
+    (B, Q) bool tensor.
     """
     if isinstance(rows, torch.Tensor):
         if rows.shape != query_cats.shape:
@@ -48,6 +57,10 @@ def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
     cats = query_cats.long()
     if rows == "response":
         return cats == RESPONSE
+    if rows == "answer":
+        end = prompt_end_index(cats)[:, None]  # (B, 1); -1 for an all-pad row
+        pos = torch.arange(cats.shape[1], device=cats.device)[None, :]
+        return (cats == RESPONSE) | ((pos == end) & (end >= 0))
     if rows == "all":
         return cats != PAD
     if rows == "after_image":
@@ -76,11 +89,25 @@ class VASResult:
 
     def describe(self) -> str:
         formula = "mass_img/(mass_sys+eps)" if self.form == "ratio" else "mass_img/(mass_img+mass_sys+eps)"
-        return f"VAS ({self.form} form: {formula}, eps={self.eps:g}; rows={self.rows}; layers={list(self.layers)})"
+        meaning = ROW_SET_MEANING.get(self.rows)
+        rows = f"rows={self.rows}" + (f" ({meaning})" if meaning else "")
+        return f"VAS ({self.form} form: {formula}, eps={self.eps:g}; {rows}; layers={_ranges(self.layers)})"
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (short layer lists in reports)."""
+    out, run = [], []
+    for x in list(layers) + [None]:
+        if run and (x is None or x != run[-1] + 1):
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+            run = []
+        if x is not None:
+            run.append(x)
+    return ",".join(out) or "none"
 
 
 def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
-                    rows="response", form: str = "ratio", eps: float = VAS_EPS) -> VASResult:
+                    rows="answer", form: str = "ratio", eps: float = VAS_EPS) -> VASResult:
     """VAS from masses (L, B, Hq, Q, C) and query-row categories (B, Q)."""
     if form not in ("ratio", "share"):
         raise ValueError(f"VAS form must be 'ratio' or 'share', got {form!r}")
@@ -101,7 +128,7 @@ def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: S
                      rows if isinstance(rows, str) else "custom", eps)
 
 
-def vas(rec, *, layers="all", rows="response", form: str = "ratio", eps: float = VAS_EPS, run: int = -1) -> VASResult:
+def vas(rec, *, layers="all", rows="answer", form: str = "ratio", eps: float = VAS_EPS, run: int = -1) -> VASResult:
     """VAS of a `Recording` (see `vas_from_masses`)."""
     chosen = rec.layers if layers == "all" else tuple(layers)
     masses = torch.stack([rec.mass(layer, run) for layer in chosen])
@@ -208,6 +235,6 @@ def write_csv(records: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["ROW_SETS", "TargetAttention", "VASResult", "image_mass", "per_token_records", "select_rows",
-           "target_attention", "target_attention_from_masses", "token_entropy", "vas", "vas_from_masses",
-           "visible_counts", "write_csv", "write_jsonl", "TEXT"]
+__all__ = ["ROW_SETS", "ROW_SET_MEANING", "TargetAttention", "VASResult", "image_mass", "per_token_records",
+           "select_rows", "target_attention", "target_attention_from_masses", "token_entropy", "vas",
+           "vas_from_masses", "visible_counts", "write_csv", "write_jsonl"]

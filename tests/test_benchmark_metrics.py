@@ -291,7 +291,7 @@ def test_summary_carries_benchmark_scores(tmp_path):
     assert row["accuracy"] == pytest.approx(8 / 9) and row["benchmark"]["circular_accuracy"] == pytest.approx(2 / 3)
     md = markdown_table(summ)
     assert "MMBench_DEV_EN (mmbench" in md and "| identity | 66.7 | 66.7 |" in md
-    plain = summarize(recs, cells, ["MMBench_DEV_EN"], {"MMBench_DEV_EN": "accuracy"})  # explicit override
+    plain = summarize(recs, cells, ["MMBench_DEV_EN"], metrics={"MMBench_DEV_EN": "accuracy"})  # explicit override
     assert "benchmark" not in plain["rows"][0] and "circular" not in markdown_table(plain)
 
 

@@ -33,19 +33,25 @@ def test_vas_hand_computed():
     ]
     m = masses_from_rows(rows)
     qc = torch.tensor([[TEXT, RESPONSE, RESPONSE]])
-    r = vas_from_masses(m, qc)
+    r = vas_from_masses(m, qc, rows="response")
     want = ((0.6 / 0.2) + (0.4 / 0.4) + (0.3 / 0.1) + (0.5 / 0.5)) / 4  # eps = 1e-6 is negligible here
     assert r.value.item() == pytest.approx(want, rel=1e-5)
     assert r.per_head.shape == (1, 2, 1)
     assert r.per_head[0, 0, 0].item() == pytest.approx((3 + 3) / 2, rel=1e-5)
-    share = vas_from_masses(m, qc, form="share")
+    share = vas_from_masses(m, qc, form="share", rows="response")
     assert share.value.item() == pytest.approx((0.75 + 0.5 + 0.75 + 0.5) / 4, rel=1e-5)
     assert "share form" in share.describe() and "ratio form" in r.describe()
     all_rows = vas_from_masses(m, qc, rows="all")
     assert all_rows.value.item() == pytest.approx((1 + 1 + 3 + 1 + 3 + 1) / 6, rel=1e-5)
     # a sample with no response rows gives NaN, not 0
-    none = vas_from_masses(m, torch.tensor([[TEXT, TEXT, TEXT]]))
+    none = vas_from_masses(m, torch.tensor([[TEXT, TEXT, TEXT]]), rows="response")
     assert math.isnan(none.value.item())
+    # default rows="answer": the rows that produce answer tokens = the last prompt row (row 0) + RESPONSE rows
+    answer = vas_from_masses(m, qc)
+    assert answer.rows == "answer" and "rows=answer" in answer.describe()
+    assert answer.value.item() == pytest.approx(all_rows.value.item(), rel=1e-6)
+    prompt_only = vas_from_masses(m, torch.tensor([[SYSTEM, TEXT, TEXT]]))  # no answer yet: the last row
+    assert prompt_only.value.item() == pytest.approx((3 + 1) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="form"):
         vas_from_masses(m, qc, form="log")
     with pytest.raises(ValueError, match="rows must be one of"):

@@ -1,6 +1,7 @@
 """End-to-end sweeps on a tiny saved model and a generated local TSV: files, consistency, resume, retune."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_kill_and_resume_gives_same_results(workspace, monkeypatch):
     with open(root / "crash" / "results.jsonl", "a") as f:
         f.write('{"cell": "identity", "data')
     monkeypatch.setattr(sweep_mod, "generate_batch", real)
-    with pytest.warns(UserWarning, match="torn line"):
+    with pytest.warns(UserWarning, match="torn last line"):
         resumed = run_sweep(cfg, progress=False)
     assert resumed.new_records == 30 - len(partial)
     rows, got = keys_and_predictions(resumed.paths["results"])
@@ -178,3 +179,84 @@ def test_result_store_refuses_duplicates(tmp_path):
     with pytest.raises(RuntimeError, match="duplicate"):
         store.append([{"cell": "a", "dataset": "d", "sample_id": "1", "correct": False}])
     assert ResultStore(tmp_path / "r.jsonl").done == {("a", "d", "1")}
+
+
+def test_failed_eval_writes_nothing_and_the_corrected_command_runs(workspace, tmp_path, capsys):
+    """Issue 8 item 2: a typo in --model / --data / --device leaves the output folder untouched."""
+    root, model_dir, tsv = workspace
+    out = tmp_path / "ev"
+    base = ["eval", "--data", str(tsv), "--limit", "2", "--max-new-tokens", "2", "--out", str(out), "--no-progress"]
+    assert cli_main(["eval", "--model", str(model_dir) + "l", *base[1:]]) == 2
+    assert "not a directory" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "missing.tsv"), *base[3:]]) == 2
+    assert not out.exists()
+    assert cli_main(["eval", "--model", str(model_dir), "--device", "cuda:7", *base[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda:7'" in err and "Traceback" not in err and not out.exists()
+    # a manifest left by an older failed run (no results) does not block the folder either
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"model": "runs/demo/modell"}))
+    assert cli_main(["eval", "--model", str(model_dir), *base[1:]]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 * 2  # baseline + avar, 2 samples
+    # a different model on stored results is refused, --no-resume starts over
+    assert cli_main(["eval", "--model", "tiny:qwen3_vl", *base[1:]]) == 2
+    assert "--no-resume" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", "tiny:qwen3_vl", "--no-resume", *base[1:]]) == 0
+
+
+def test_clean_one_line_errors_and_ctrl_c(workspace, tmp_path, capsys, monkeypatch):
+    """Issue 8 item 3: --device cuda without CUDA, --backend triton on CPU, Ctrl-C: one line each."""
+    root, model_dir, tsv = workspace
+    base = ["eval", "--model", str(model_dir), "--data", str(tsv), "--limit", "2", "--max-new-tokens", "2",
+            "--no-progress"]
+    if not torch.cuda.is_available():
+        assert cli_main([*base, "--device", "cuda", "--out", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "use --device cpu" in err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli_main([*base, "--backend", "triton", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA device" in err and "--backend torch" in err
+    calls = {"n": 0}
+    real = sweep_mod.generate_batch
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "generate_batch", interrupted)
+    assert cli_main([*base, "--batch-size", "1", "--out", str(tmp_path / "c")]) == 130
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "1 result rows are saved" in last and "rerun the same command to resume" in last
+    assert cli_main([*base, "--batch-size", "1", "--out", str(tmp_path / "c")]) == 0  # resumes
+
+
+def test_config_paths_resolve_against_the_yaml_file(workspace, tmp_path, monkeypatch):
+    """Issue 8 item 4: relative paths in a sweep YAML are relative to the YAML, wherever it is run from."""
+    from attn_mod.eval.sweep_config import load_sweep_config
+
+    root, model_dir, tsv = workspace
+    cfg_dir = tmp_path / "configs" / "sweeps"
+    cfg_dir.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "b.tsv").write_bytes(tsv.read_bytes())
+    p = cfg_dir / "s.yaml"
+    p.write_text(yaml.safe_dump({"model": "tiny:qwen2_5_vl", "grid": None, "output_dir": "../../runs/x",
+                                 "datasets": [{"path": "../../data/b.tsv", "name": "synth", "image_root": "imgs"}],
+                                 "generation": {"max_new_tokens": 2}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_sweep_config(p)
+    assert Path(cfg.datasets[0].path).resolve() == (tmp_path / "data" / "b.tsv").resolve()
+    assert Path(cfg.datasets[0].image_root).resolve() == (cfg_dir / "imgs").resolve()
+    assert Path(cfg.output_dir).resolve() == (tmp_path / "runs" / "x").resolve()
+    assert cfg.model == "tiny:qwen2_5_vl"
+    assert load_sweep_config(p, overrides={"output_dir": "o"}).output_dir == "o"  # CLI: relative to the cwd
+    assert cli_main(["sweep", str(p), "--limit", "1", "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "x" / "results.jsonl").exists()
+    shipped = load_sweep_config(Path(__file__).parents[1] / "configs" / "sweeps" / "tiny_avar.yaml")
+    assert Path(shipped.output_dir).resolve() == (Path(__file__).parents[1] / "runs" / "demo" / "sweep").resolve()

@@ -1,15 +1,18 @@
 """Append-only JSONL results with resume: one line per (cell, dataset, sample), flushed and fsynced per batch.
 
-A crash loses at most the batch in flight; a torn last line (crash mid-write) is dropped on load.
+Reading and writing follow `attn_mod.jsonl`: a crash loses at most the batch in flight, a torn LAST line is
+truncated on open, any other bad line (not JSON, missing cell / dataset / sample_id) is quarantined to
+``results.jsonl.quarantine.jsonl`` with its line number and reason; no valid row is ever dropped.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
 from pathlib import Path
 from typing import Iterable
+
+from ..jsonl import append_jsonl, as_row, read_jsonl
+
+KEY_FIELDS = ("cell", "dataset", "sample_id")
 
 
 def record_key(rec: dict) -> tuple[str, str, str]:
@@ -17,50 +20,26 @@ def record_key(rec: dict) -> tuple[str, str, str]:
 
 
 class ResultStore:
-    """`path`: the JSONL file. `done` holds the keys already written (loaded on open)."""
+    """`path`: the JSONL file. `done` holds the keys already written (loaded, and repaired, on open)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[tuple[str, str, str]] = set()
-        self._repair_and_load()
-
-    def _repair_and_load(self) -> None:
-        if not self.path.exists():
-            return
-        good_bytes = 0
-        with self.path.open("rb") as f:
-            for raw in f:
-                try:
-                    rec = json.loads(raw)
-                    if not raw.endswith(b"\n"):
-                        raise ValueError("unterminated line")
-                except ValueError:
-                    warnings.warn(f"{self.path}: dropping a torn line at byte {good_bytes} (interrupted write)")
-                    break
-                self.done.add(record_key(rec))
-                good_bytes += len(raw)
-        if good_bytes != self.path.stat().st_size:
-            with self.path.open("r+b") as f:
-                f.truncate(good_bytes)
+        self._rows: list[dict] = read_jsonl(self.path, required=KEY_FIELDS)
+        self.done: set[tuple[str, str, str]] = {record_key(r) for r in self._rows}
 
     def append(self, records: Iterable[dict]) -> None:
-        lines = []
-        for rec in records:
-            key = record_key(rec)
+        records = list(records)
+        keys = [record_key(r) for r in records]
+        for key in keys:
             if key in self.done:
                 raise RuntimeError(f"result {key} is already stored; refusing to write a duplicate row")
-            lines.append(json.dumps(rec, sort_keys=True) + "\n")
-            self.done.add(key)
-        if not lines:
-            return
-        with self.path.open("a") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        if len(set(keys)) != len(keys):
+            raise RuntimeError("a batch of results holds the same (cell, dataset, sample_id) twice")
+        append_jsonl(self.path, records, sort_keys=True)
+        self.done.update(keys)
+        self._rows.extend(as_row(r) for r in records)
 
     def load(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """Every stored row, in file order."""
+        return list(self._rows)

@@ -24,14 +24,22 @@ def _mean(values):
 
 
 def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence[str],
+              sample_ids: dict[str, Sequence[str]] | None = None, *,
               metrics: Mapping[str, str] | None = None) -> dict:
     """{"rows": [...one per (cell, dataset)...], "best": {dataset: cell id}, "baseline": id or None}.
 
-    `metrics` maps a dataset to its benchmark score (`benchmark_metrics.METRICS`; default: chosen by name); a
-    row of a dataset with one gets ``"benchmark": {...}`` (e.g. MMBench circular accuracy)."""
+    sample_ids: {dataset: the sample ids of this run}; stored rows of other samples (e.g. of an earlier run
+    without --limit) are left out, so every cell is compared on the same sample set. "n_expected" per dataset
+    is the size of that set; a cell with fewer rows (an interrupted run) is marked in the tables.
+    metrics: {dataset: benchmark score} (`benchmark_metrics.METRICS`; default: chosen by name); a row of a
+    dataset with one gets ``"benchmark": {...}`` (e.g. MMBench circular accuracy).
+    """
+    wanted = None if sample_ids is None else {d: set(ids) for d, ids in sample_ids.items()}
     metrics = {ds: (metrics or {}).get(ds) or metric_for(ds) for ds in datasets}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
+        if wanted is not None and r["sample_id"] not in wanted.get(r["dataset"], ()):
+            continue
         groups[(r["cell"], r["dataset"])].append(r)
     rows = []
     for cell in cells:
@@ -58,8 +66,12 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
             base = next((r["accuracy"] for r in rows if r["dataset"] == ds and r["cell"] == baseline), None)
             best[ds] = top["cell"]
             beats[ds] = base is None or top["accuracy"] > base
+    n_expected = {ds: (len(wanted[ds]) if wanted is not None and ds in wanted else
+                       max((r["n"] for r in rows if r["dataset"] == ds), default=0)) for ds in datasets}
+    vas_rows = sorted({r.get("vas_rows", "response") for rs in groups.values() for r in rs if "vas" in r})
     return {"rows": rows, "best": best, "best_beats_baseline": beats, "baseline": baseline,
-            "datasets": list(datasets), "cells": [c.id for c in cells], "metrics": metrics}
+            "datasets": list(datasets), "cells": [c.id for c in cells], "n_expected": n_expected,
+            "vas_rows": vas_rows, "metrics": metrics}
 
 
 def _pct(x) -> str:
@@ -70,6 +82,7 @@ def markdown_table(summary: dict) -> str:
     """Cells x datasets accuracy (%), mean column; the baseline row is marked, the best cell per dataset bold."""
     datasets, rows = summary["datasets"], summary["rows"]
     by = {(r["cell"], r["dataset"]): r for r in rows}
+    n_expected = summary.get("n_expected", {})
     has_vas = any("vas" in r for r in rows)
     head = ["cell"] + [f"{d} acc %" for d in datasets] + ["mean acc %"] + (["mean VAS"] if has_vas else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -79,7 +92,9 @@ def markdown_table(summary: dict) -> str:
         cols = [label]
         for d, a in zip(datasets, accs):
             marked = summary["best"].get(d) == cell and summary["best_beats_baseline"].get(d)
-            cols.append(f"**{_pct(a)}**" if marked else _pct(a))
+            text = f"**{_pct(a)}**" if marked else _pct(a)
+            n, want = by[(cell, d)]["n"], n_expected.get(d)
+            cols.append(text if want is None or n == want else f"{text} (n={n})")
         cols.append(_pct(_mean(accs)))
         if has_vas:
             v = _mean(by[(cell, d)].get("vas") for d in datasets)
@@ -87,13 +102,22 @@ def markdown_table(summary: dict) -> str:
         lines.append("| " + " | ".join(cols) + " |")
     lines.append("")
     lines.append("Accuracy in %, n per dataset: " + ", ".join(
-        f"{d}={by[(summary['cells'][0], d)]['n']}" for d in datasets) + ". **Bold**: best non-baseline cell per dataset"
-                 " when it beats the baseline.")
+        f"{d}={n_expected.get(d, by[(summary['cells'][0], d)]['n'])}" for d in datasets)
+        + ". **Bold**: best non-baseline cell per dataset when it beats the baseline.")
+    short = [f"{c} on {d}" for c in summary["cells"] for d in datasets
+             if d in n_expected and by[(c, d)]["n"] != n_expected[d]]
+    if short:
+        lines.append("(n=...): cells with fewer evaluated samples than the others (an interrupted run; rerun to "
+                     "complete them): " + ", ".join(short) + ".")
     tied = [d for d in datasets if d in summary["best"] and not summary["best_beats_baseline"].get(d)]
     if tied:
         lines.append("No cell beats the baseline on: " + ", ".join(tied) + ".")
     if has_vas:
-        lines.append("VAS: ratio form mass_img/(mass_sys+1e-6), mean over layers, heads and answer tokens.")
+        from ..metrics import ROW_SET_MEANING
+
+        used = summary.get("vas_rows") or ["response"]
+        lines.append("VAS: ratio form mass_img/(mass_sys+1e-6) (image = image + target), mean over layers, heads "
+                     "and the query rows " + " / ".join(f"rows={r} ({ROW_SET_MEANING.get(r, r)})" for r in used) + ".")
     lines += _benchmark_tables(summary, by)
     return "\n".join(lines) + "\n"
 
@@ -173,8 +197,8 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def write_summary(summary: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write summary.json, summary.csv, results.md and the heatmaps; returns their paths."""
+def write_summary(summary: dict, out_dir: str | Path, *, pictures: bool = True) -> dict[str, Path]:
+    """Write summary.json, summary.csv, results.md and (with `pictures`) the heatmaps; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "summary.json", "csv": out / "summary.csv", "markdown": out / "results.md"}
@@ -186,6 +210,6 @@ def write_summary(summary: dict, out_dir: str | Path) -> dict[str, Path]:
         w.writeheader()
         w.writerows(flat)
     paths["markdown"].write_text(markdown_table(summary))
-    for p in heatmaps(summary, out):
+    for p in heatmaps(summary, out) if pictures else ():
         paths[p.stem] = p
     return paths

@@ -1,11 +1,12 @@
 """The sweep runner: patch the model once, retune it per cell (`handle.update`), generate and score every
 sample of every dataset, append results per batch, resume where a previous run stopped.
 
-    result = run_sweep(load_config(SweepConfig, "configs/sweeps/tiny.yaml"))
+    result = run_sweep(load_sweep_config("configs/sweeps/tiny_avar.yaml"))   # paths relative to the YAML
     result.paths["markdown"]   # results.md: cells x datasets, baseline and best highlighted
 
 Output directory: manifest.json (what the results belong to), results.jsonl (one line per cell x dataset
-x sample), summary.json / summary.csv / results.md / heatmap_<dataset>.png (rewritten after every cell).
+x sample), summary.json / summary.csv / results.md (rewritten after every cell) and heatmap_<dataset>.png
+(drawn once, at the end).
 Batches are fixed chunks of each dataset, so a resumed run recomputes exactly the batch that was in flight.
 """
 
@@ -22,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import capture
-from ..categories import RESPONSE
-from ..metrics import target_attention, vas
+from ..jsonl import quarantine_path
+from ..metrics import select_rows, target_attention, vas
 from ..patch import patch
 from .datasets import Benchmark, load_benchmark
 from .generation import Request, generate_batch
@@ -34,7 +35,8 @@ from .scoring import score
 from .summary import summarize, write_summary
 from .sweep_config import Cell, DatasetConfig, SweepConfig
 
-MANIFEST_KEYS = ("model", "dtype", "generation", "datasets", "attention_metrics")
+MANIFEST_KEYS = ("model", "dtype", "generation", "datasets", "attention_metrics", "vas_rows", "system")
+LEGACY_MANIFEST = {"vas_rows": "response", "system": None}  # what older manifests without these keys used
 
 
 @dataclass
@@ -45,15 +47,32 @@ class SweepResult:
     output_dir: Path
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep; the message says how many rows are saved and that rerunning resumes."""
+
+
+def check_model(cfg: SweepConfig) -> None:
+    """Cheap checks of model, device and backend (nothing loaded, nothing written); ValueError naming the fix."""
+    from ..loading import check_backend, check_device, check_model_path
+
+    check_device(cfg.device)
+    check_backend(cfg.backend, cfg.device)
+    if cfg.model.startswith("tiny:"):
+        from ..tiny import FAMILIES
+
+        if cfg.model.split(":", 1)[1] not in FAMILIES:
+            raise ValueError(f"unknown tiny model {cfg.model!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}")
+    else:
+        check_model_path(cfg.model)
+
+
 def load_model_for(cfg: SweepConfig):
     """(model, processor): "tiny:<family>" builds the embedded random tiny model, anything else is a local path."""
+    check_model(cfg)
     if cfg.model.startswith("tiny:"):
-        from ..tiny import FAMILIES, build_tiny
+        from ..tiny import build_tiny
 
-        family = cfg.model.split(":", 1)[1]
-        if family not in FAMILIES:
-            raise ValueError(f"unknown tiny model {cfg.model!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}")
-        model, processor = build_tiny(family)
+        model, processor = build_tiny(cfg.model.split(":", 1)[1])
         return model.to(cfg.device), processor
     from ..loading import load_model
 
@@ -75,22 +94,26 @@ _RESCORABLE = ("limit", "metric")  # dataset settings that do not change stored 
 
 
 def _check_manifest(out: Path, cfg: SweepConfig) -> None:
-    path = out / "manifest.json"
+    """Refuse to mix results of different sweeps in one folder (read-only; a folder without stored results,
+    e.g. left by a run that failed before its first batch, never blocks)."""
+    path, results = out / "manifest.json", out / "results.jsonl"
+    if not path.exists() or not results.exists() or results.stat().st_size == 0:
+        return
+    old = json.loads(path.read_text())
     new = _manifest(cfg)
-    if path.exists():
-        old = json.loads(path.read_text())
-        for key in MANIFEST_KEYS:
-            if old.get(key) != new.get(key) and key != "datasets":
-                raise ValueError(f"{out} holds results of a different sweep ({key}: {old.get(key)!r} != "
-                                 f"{new.get(key)!r}); use another output_dir, or --no-resume to start over")
-        old_ds = {d.get("name") or d["path"]: d for d in old.get("datasets", [])}
-        for d in new["datasets"]:
-            prev = old_ds.get(d.get("name") or d["path"])
-            if prev is not None and {k: v for k, v in prev.items() if k not in _RESCORABLE} != \
-                    {k: v for k, v in d.items() if k not in _RESCORABLE}:
-                raise ValueError(f"{out}: dataset {d.get('name') or d['path']!r} settings changed since the "
-                                 "stored results; use another output_dir, or --no-resume to start over")
-    path.write_text(json.dumps(new, indent=2))
+    for key in MANIFEST_KEYS:
+        if key == "vas_rows" and not (old.get("attention_metrics") or new.get("attention_metrics")):
+            continue  # no VAS recorded: the row set does not matter
+        if old.get(key, LEGACY_MANIFEST.get(key)) != new.get(key) and key != "datasets":
+            raise ValueError(f"{out} holds results of a different sweep ({key}: {old.get(key)!r} != "
+                             f"{new.get(key)!r}); use another output folder, or --no-resume to start over")
+    old_ds = {d.get("name") or d["path"]: d for d in old.get("datasets", [])}
+    for d in new["datasets"]:
+        prev = old_ds.get(d.get("name") or d["path"])
+        if prev is not None and {k: v for k, v in prev.items() if k not in _RESCORABLE} != \
+                {k: v for k, v in d.items() if k not in _RESCORABLE}:
+            raise ValueError(f"{out}: dataset {d.get('name') or d['path']!r} settings changed since the "
+                             "stored results; use another output folder, or --no-resume to start over")
 
 
 def _batch_seed(seed: int, *parts) -> int:
@@ -102,16 +125,17 @@ def _prompt_of(sample, d: DatasetConfig) -> str:
     return build_prompt(sample, template=d.template, instructions=instructions)
 
 
-def _attention_metrics(rec, samples) -> list[dict]:
-    """Per-sample VAS (answer rows, all layers) and, when a bbox is set, SAYO target attention a / R_a."""
-    v = vas(rec)
+def _attention_metrics(rec, samples, rows: str) -> list[dict]:
+    """Per-sample VAS (`rows`, all layers, ratio form) and, when a bbox is set, the mean over the same rows of
+    SAYO target attention a / R_a (last layer)."""
+    v = vas(rec, rows=rows)
     ta = target_attention(rec)
-    resp = rec.query_categories() == RESPONSE
+    chosen = select_rows(rec.query_categories(), rows)
     out = []
     for b, s in enumerate(samples):
-        row = {"vas": _num(v.value[b])}
+        row = {"vas": _num(v.value[b]), "vas_rows": rows}
         if s.bbox:
-            sel = resp[b] & ~torch.isnan(ta.a[0, b])
+            sel = chosen[b] & ~torch.isnan(ta.a[0, b])
             row["target_a"] = _num(ta.a[0, b][sel].mean()) if sel.any() else None
             row["target_reward"] = _num(ta.reward[0, b][sel].mean()) if sel.any() else None
         out.append(row)
@@ -125,33 +149,44 @@ def _num(t) -> float | None:
 
 def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None, progress: bool = True,
               model=None, processor=None) -> SweepResult:
-    """Run (or resume) the sweep described by `cfg`. `model` / `processor` may be passed in-process."""
+    """Run (or resume) the sweep described by `cfg`. `model` / `processor` may be passed in-process.
+
+    Everything is validated (model path / family, device, backend, datasets, an incompatible output folder)
+    before the output folder is touched. Ctrl-C raises `SweepInterrupted` after the finished batches are saved.
+    """
+    cfg.validate()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    if not resume:
-        for stale in [results_path, out / "manifest.json"]:
-            stale.unlink(missing_ok=True)
-    _check_manifest(out, cfg)
-    store = ResultStore(results_path)
+    if model is None:
+        check_model(cfg)
     cells = cfg.build_cells()
     datasets = [(d, open_dataset(d, limit)) for d in cfg.datasets]
     names = [bench.name for _, bench in datasets]
     scorers = {bench.name: metric_for(bench.name, d.metric) for d, bench in datasets}
     samples = {bench.name: list(bench) for _, bench in datasets}  # lazy images: nothing decoded yet
-    total = sum(len(v) for v in samples.values()) * len(cells)
-    todo = sum(1 for c in cells for n in names for s in samples[n] if (c.id, n, s.sample_id) not in store.done)
+    if resume:
+        _check_manifest(out, cfg)
     if model is None:
         model, processor = load_model_for(cfg)
+    # Validated and loaded: from here on the folder is written.
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in [results_path, quarantine_path(results_path), out / "manifest.json"]:
+            stale.unlink(missing_ok=True)
+    (out / "manifest.json").write_text(json.dumps(_manifest(cfg), indent=2))
+    store = ResultStore(results_path)
+    sample_ids = {n: [s.sample_id for s in samples[n]] for n in names}
+    total = sum(len(v) for v in samples.values()) * len(cells)
+    todo = sum(1 for c in cells for n in names for s in samples[n] if (c.id, n, s.sample_id) not in store.done)
     handle = patch(model, processor, backend=cfg.backend)
     gen = cfg.generation
     bar = tqdm(total=total, initial=total - todo, disable=not progress, unit="sample", dynamic_ncols=True)
     new_records = 0
-    paths: dict = {}
     try:
         for cell in cells:
             handle.update(intervention=cell.intervention)
             bar.set_description(cell.name[:40])
+            cell_new = 0
             for d, bench in datasets:
                 items = samples[bench.name]
                 for start in range(0, len(items), gen.batch_size):
@@ -163,12 +198,18 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
                                          _batch_seed(gen.seed, cell.id, bench.name, start))
                     store.append(records)
                     new_records += len(records)
+                    cell_new += len(records)
                     bar.update(len(records))
-            paths = write_summary(summarize(store.load(), cells, names, scorers), out)
+            if cell_new:  # tables only; the heatmaps are drawn once, at the end
+                write_summary(summarize(store.load(), cells, names, sample_ids=sample_ids, metrics=scorers), out,
+                              pictures=False)
+    except KeyboardInterrupt:
+        raise SweepInterrupted(f"interrupted: {len(store.done)} result rows are saved in {results_path} "
+                               f"({new_records} from this run); rerun the same command to resume") from None
     finally:
         bar.close()
         handle.remove()
-    summary = summarize(store.load(), cells, names, scorers)
+    summary = summarize(store.load(), cells, names, sample_ids=sample_ids, metrics=scorers)
     paths = write_summary(summary, out)
     paths["results"] = results_path
     return SweepResult(summary, paths, new_records, out)
@@ -190,7 +231,7 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
         handle.set_target(boxes=boxes, images=sizes) if any(boxes) else handle.set_target(None)
         with capture(model) as rec:
             outs = generate_batch(model, processor, requests, **kwargs)
-        metrics = _attention_metrics(rec, chunk)
+        metrics = _attention_metrics(rec, chunk, cfg.vas_rows)
         handle.set_target(None)
     else:
         outs = generate_batch(model, processor, requests, **kwargs)

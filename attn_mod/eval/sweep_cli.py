@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import load_config
-from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig
+from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig, load_sweep_config
+
+
+def _add_resume(p: argparse.ArgumentParser, folder: str) -> None:
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"skip samples and cells already in {folder}/results.jsonl (default); "
+                        "--no-resume deletes them and starts over")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="sweep YAML (see configs/sweeps/)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip samples and cells already in OUTPUT_DIR/results.jsonl (default); "
-                        "--no-resume deletes them and starts over")
+    _add_resume(p, "OUTPUT_DIR")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each dataset")
-    p.add_argument("--output-dir", default=None, help="override output_dir of the config")
+    p.add_argument("--output-dir", default=None, help="override output_dir of the config (relative to the "
+                   "current folder; relative paths inside the YAML are relative to the YAML file)")
     p.add_argument("--device", default=None, help="override device of the config (cpu, cuda, cuda:1 ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -31,11 +35,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    _add_resume(p, "OUT")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"])
     p.add_argument("--attention-metrics", action="store_true", help="record VAS / target attention per sample")
+    p.add_argument("--vas-rows", default="answer", choices=["answer", "response", "after_image", "all"],
+                   help="query rows of VAS (default answer: the rows that produce the answer tokens)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -51,7 +58,7 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
-    cfg = load_config(SweepConfig, args.config, overrides=overrides)
+    cfg = load_sweep_config(args.config, overrides=overrides)
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 
@@ -67,8 +74,8 @@ def cmd_eval(args) -> int:
                       datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
                       include_baseline=args.baseline or args.preset == "identity",
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-                      attention_metrics=args.attention_metrics, output_dir=args.out)
+                      attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, output_dir=args.out)
     cfg.validate()
-    _print_result(run_sweep(cfg, limit=args.limit, progress=not args.no_progress))
+    _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 

@@ -7,6 +7,10 @@
     generation: {max_new_tokens: 16, batch_size: 4}
     output_dir: runs/sweep
 
+Relative paths in a YAML file (model, datasets[].path, datasets[].image_root, output_dir) are resolved
+against the folder of the YAML file, not the current directory (`load_sweep_config`); paths given on the
+command line (--output-dir) are relative to the current directory.
+
 A *cell* is one intervention; every cell is evaluated on every dataset. The grid is the cartesian
 product of the listed parameter values of one preset; `cells:` adds explicit ones; `include_baseline`
 adds the identity (unpatched) cell.
@@ -14,8 +18,10 @@ adds the identity (unpatched) cell.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ..intervention import Intervention
@@ -121,6 +127,8 @@ class SweepConfig:
     include_baseline: bool = True
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     attention_metrics: bool = False
+    vas_rows: Literal["answer", "response", "after_image", "all"] = "answer"  # see attn_mod.metrics.select_rows
+    system: str | None = None  # system prompt for every dataset without its own `system:`
     output_dir: str = "runs/sweep"
 
     def validate(self):
@@ -183,3 +191,32 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple, range)):
         return "[" + ",".join(_fmt(x) for x in v) + "]"
     return str(v)
+
+
+def _under(base: Path, value: str | None) -> str | None:
+    if value is None or value == "":
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def resolve_paths(cfg: SweepConfig, base: str | Path) -> SweepConfig:
+    """A copy of `cfg` whose relative paths (model unless "tiny:...", dataset paths and image roots,
+    output_dir) are taken relative to `base` (the folder of the YAML file)."""
+    base = Path(base)
+    model = cfg.model if cfg.model.startswith("tiny:") else _under(base, cfg.model)
+    datasets = [dataclasses.replace(d, path=_under(base, d.path), image_root=_under(base, d.image_root))
+                for d in cfg.datasets]
+    return dataclasses.replace(cfg, model=model, datasets=datasets, output_dir=_under(base, cfg.output_dir))
+
+
+def load_sweep_config(path: str | Path, overrides: dict | None = None) -> SweepConfig:
+    """Read a sweep YAML (validated, see `attn_mod.config.load_config`), resolve its relative paths against
+    the YAML's folder, then apply `overrides` (field -> value, taken as given, e.g. from the command line)."""
+    from ..config import load_config
+
+    cfg = resolve_paths(load_config(SweepConfig, path), Path(path).resolve().parent)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+        cfg.validate()
+    return cfg

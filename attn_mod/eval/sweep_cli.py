@@ -21,6 +21,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "current folder; relative paths inside the YAML are relative to the YAML file)")
     p.add_argument("--device", default=None, help="override device of the config (cpu, cuda, cuda:1 ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="run in N processes (one per GPU with device: cuda; gloo on CPU) through accelerate launch; "
+                        "results are merged into the same files as a one-process run")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +50,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _print_result(result) -> None:
+    if not result.is_main:
+        return  # the other processes of a distributed run: rank 0 reports
     print(result.paths["markdown"].read_text())
     print(f"results: {result.paths['results']} ({result.new_records} new rows)")
     for key, path in sorted(result.paths.items()):
@@ -58,7 +63,18 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
-    cfg = load_sweep_config(args.config, overrides=overrides)
+    cfg = load_sweep_config(args.config, overrides=overrides)  # validated before any process starts
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes and args.num_processes > 1:
+        from .distributed import launch
+
+        argv = ["sweep", args.config, "--resume" if args.resume else "--no-resume"]
+        for flag, value in (("--limit", args.limit), ("--output-dir", args.output_dir), ("--device", args.device)):
+            if value is not None:
+                argv += [flag, str(value)]
+        return launch(argv + (["--no-progress"] if args.no_progress else []), args.num_processes,
+                      cpu=not cfg.device.startswith("cuda"))
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 

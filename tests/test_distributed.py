@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from attn_mod.cli import main as cli_main
 from attn_mod.eval.datasets import make_synthetic_benchmark
 from attn_mod.eval.distributed import merge_shards, my_units, shard_files, shard_path
 from attn_mod.jsonl import append_jsonl
@@ -59,15 +61,20 @@ def test_merge_shards_dedups_orders_and_removes_shards(tmp_path):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model_dir = save_tiny("qwen2_5_vl", root / "model")
-    tsv = make_synthetic_benchmark(root / "bench.tsv", n=6, seed=3)
+    tsv = make_synthetic_benchmark(root / "bench.tsv", n=4, seed=3)
     cfg = {"model": str(model_dir), "datasets": [{"path": str(tsv), "name": "synth"}],
-           "grid": {"preset": "avar", "alpha": [0.0, 0.5], "beta": [0.0, 0.5]},
+           "grid": {"preset": "avar", "alpha": [0.5], "beta": [0.0, 0.5]},
            "generation": {"max_new_tokens": 3, "batch_size": 2}, "attention_metrics": True}
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     ref = root / "one"
-    cli(["sweep", str(path), "--output-dir", str(ref), "--no-progress"], env)  # one process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes (OMP_NUM_THREADS=1): same float reduction order
+    try:
+        assert cli_main(["sweep", str(path), "--output-dir", str(ref), "--no-progress"]) == 0  # one process
+    finally:
+        torch.set_num_threads(threads)
     return root, path, env, ref
 
 
@@ -91,7 +98,7 @@ def test_two_processes_equal_one(setup):
     proc = cli(["sweep", str(path), "--output-dir", str(out), "--num-processes", "2", "--no-progress"], env)
     assert proc.stdout.count("identity (baseline)") == 1  # only rank 0 reports
     want, got = rows_of(ref), rows_of(out)
-    assert len(want) == 5 * 6 and got == want  # same rows, same order, no duplicates
+    assert len(want) == 3 * 4 and got == want  # same rows, same order, no duplicates
     assert (out / "results.md").read_text() == (ref / "results.md").read_text()
     assert (out / "summary.csv").read_text() == (ref / "summary.csv").read_text()
     assert (out / "heatmap_synth.png").exists() and shard_files(out) == []
@@ -108,7 +115,7 @@ def test_kill_and_resume_with_another_process_count(setup):
     try:
         while time.time() < deadline and proc.poll() is None:
             n = sum(len(p.read_text().splitlines()) for p in shard_files(out)) if out.exists() else 0
-            if n >= 4:  # both processes are writing; kill everything at once, mid-run
+            if n >= 2:  # the first batch is stored; kill everything at once, mid-run
                 break
             time.sleep(0.05)
     finally:
@@ -116,15 +123,18 @@ def test_kill_and_resume_with_another_process_count(setup):
         proc.wait()
     shards = shard_files(out)
     partial = sum(len(p.read_text().splitlines()) for p in shards)
-    assert shards and 0 < partial < 30, "the run was not killed mid-way"
+    assert shards and 0 < partial < 12, "the run was not killed mid-way"
     assert not (out / "results.jsonl").exists() or (out / "results.jsonl").stat().st_size == 0
     # resume with 3 processes: the shards of the killed run are merged first, the rest is shared out
     cli(["sweep", str(path), "--output-dir", str(out), "--num-processes", "3", "--no-progress"], env)
     got = rows_of(out)
     keys = [(r["cell"], r["dataset"], r["sample_id"]) for r in got]
-    assert len(keys) == len(set(keys)) == 30 and got == rows_of(ref)
+    assert len(keys) == len(set(keys)) == 12 and got == rows_of(ref)
     assert (out / "results.md").read_text() == (ref / "results.md").read_text()
     assert shard_files(out) == []
-    # and once more with one process: nothing left to do
-    proc = cli(["sweep", str(path), "--output-dir", str(out), "--no-progress"], env)
-    assert "(0 new rows)" in proc.stdout and rows_of(out) == rows_of(ref)
+    # and once more with one process (in-process): nothing left to do
+    from attn_mod.eval.sweep import run_sweep
+    from attn_mod.eval.sweep_config import load_sweep_config
+
+    assert run_sweep(load_sweep_config(path, overrides={"output_dir": str(out)}), progress=False).new_records == 0
+    assert rows_of(out) == rows_of(ref)

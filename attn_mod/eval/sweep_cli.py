@@ -69,6 +69,13 @@ def cmd_sweep(args) -> int:
     if args.num_processes and args.num_processes > 1:
         from .distributed import launch
 
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if args.num_processes > torch.cuda.device_count():
+                raise ValueError(f"--num-processes {args.num_processes} needs as many GPUs, this machine has "
+                                 f"{torch.cuda.device_count()}; use fewer processes or device: cpu")
+
         argv = ["sweep", args.config, "--resume" if args.resume else "--no-resume"]
         for flag, value in (("--limit", args.limit), ("--output-dir", args.output_dir), ("--device", args.device)):
             if value is not None:

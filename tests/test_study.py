@@ -99,7 +99,7 @@ def test_study_numbers_on_written_runs(tmp_path):
         runs.append(write_run(tmp_path / f"model{k}", rows))
     with open(runs[1] / "results.jsonl", "a") as f:
         f.write('{"cell": "identity", "dat')  # a torn last line is skipped, not fatal
-    with pytest.warns(UserWarning, match="unreadable line"):
+    with pytest.warns(UserWarning, match="torn last line"):
         res = study.run_study(runs, tmp_path / "out", measures=("vas",), n_boot=200, progress=False)
     conds = res["result"]["conditions"]
     assert len(conds) == 4

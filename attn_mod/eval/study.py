@@ -23,13 +23,14 @@ import argparse
 import csv
 import json
 import math
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from ..jsonl import read_jsonl
 
 __all__ = ["MEASURES", "load_run", "quantile_accuracy", "point_biserial", "spearman", "bootstrap_ci", "fit_line",
            "run_study", "add_arguments", "run"]
@@ -41,25 +42,15 @@ MEASURES = {"vas": "VAS (ratio form)", "target_a": "target attention a (SAYO)"}
 
 
 def load_run(run_dir: str | Path) -> list[dict]:
-    """The rows of `run_dir`/results.jsonl (read only; a torn or corrupt line is skipped with a warning)."""
+    """The rows of `run_dir`/results.jsonl with a boolean ``correct`` (read only: bad or torn lines are skipped
+    with a warning, `attn_mod.jsonl.read_jsonl(repair=False)`)."""
     path = Path(run_dir) / "results.jsonl"
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no results.jsonl: pass a sweep / eval output directory")
-    rows = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                warnings.warn(f"{path}: skipping unreadable line {lineno}")
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("correct"), bool):
-                rows.append(rec)
-    return rows
+    rows = read_jsonl(path, required=("cell", "dataset", "correct"), repair=False)
+    return [r for r in rows if isinstance(r.get("correct"), bool)]
 
 
 def _run_labels(run_dirs: Sequence[str | Path]) -> list[str]:

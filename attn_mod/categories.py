@@ -1,7 +1,9 @@
 """Token categories and the labelling of input ids into per-slot categories.
 
-Codes (DESIGN.md): PAD 0, SYSTEM 1, TEXT 2, IMAGE 3, TARGET 4, RESPONSE 5; 6 and 7 are free for users.
-"Image mass" always means IMAGE + TARGET. Labels come from exact token ids (`mm_token_type_ids`,
+Codes: PAD 0, SYSTEM 1, TEXT 2, IMAGE 3, TARGET 4, RESPONSE 5; 6 and 7 are free for users.
+Code 3 (`IMAGE`) marks visual tokens OUTSIDE the target region, code 4 (`TARGET`) those inside it. Every
+user-facing NAME follows one rule: "image" means IMAGE + TARGET (all visual tokens): `parse_categories("image")`
+is (3, 4), `mass_image` is their summed mass, and the parts are "image_outside_target" (3) and "target" (4). Labels come from exact token ids (`mm_token_type_ids`,
 image/video placeholder ids, chat-template role markers), never from character offsets.
 """
 
@@ -28,13 +30,21 @@ class TokenCategory(IntEnum):
 PAD, SYSTEM, TEXT, IMAGE, TARGET, RESPONSE = (int(c) for c in TokenCategory)
 VISUAL = (IMAGE, TARGET)
 
-# Names accepted wherever a category is named; "visual" / "image_all" expand to IMAGE + TARGET.
-_ALIASES = {"visual": VISUAL, "image_all": VISUAL, "vision": VISUAL}
-CATEGORY_NAMES = tuple(c.name.lower() for c in TokenCategory)
+# The name of each code (`category_name`); "image" is not one of them: it names both visual codes.
+CATEGORY_NAMES = ("pad", "system", "text", "image_outside_target", "target", "response")
+# Names accepted wherever a category is named: "image" (= "visual", "image_all", "vision") is IMAGE + TARGET.
+_ALIASES = {"image": VISUAL, "visual": VISUAL, "image_all": VISUAL, "vision": VISUAL}
+
+
+def category_name(code: int) -> str:
+    """Name of one code: "image_outside_target" for 3, "target" for 4, "code6" / "code7" for the free codes."""
+    code = int(code)
+    return CATEGORY_NAMES[code] if 0 <= code < len(CATEGORY_NAMES) else f"code{code}"
 
 
 def parse_categories(spec, *, what: str = "category") -> tuple[int, ...]:
-    """Codes named by `spec`: a name ("image"), alias ("visual"), code (3), or an iterable of those."""
+    """Codes named by `spec`: a name ("system", "target", "image_outside_target"), a group ("image" = "visual"
+    = IMAGE + TARGET), an integer code (3), or an iterable of those."""
     if isinstance(spec, (str, int)) and not isinstance(spec, bool):
         spec = [spec]
     codes: list[int] = []

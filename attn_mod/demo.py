@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"])
     p.add_argument("--samples", type=int, default=12, help="synthetic benchmark size")
+    p.add_argument("--system", default=None, help="system prompt for the sweep and the inspection (default: the "
+                   "chat template's own; qwen3_vl has none, so beta does nothing and VAS is undefined without it)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sweep rows already in OUT/sweep/results.jsonl (default); --no-resume starts over")
     p.add_argument("--no-progress", action="store_true")
@@ -37,6 +39,7 @@ def run(args) -> int:
     cfg = SweepConfig(model=str(model_dir), datasets=[DatasetConfig(path=str(data), name="synthetic")],
                       grid=GridConfig(preset="avar", alpha=[0.0, 0.5], beta=[0.0, 0.5]),
                       generation=GenerationConfig(max_new_tokens=8, batch_size=4), attention_metrics=True,
+                      system=args.system,
                       output_dir=str(out / "sweep"))
     cfg.validate()
     result = run_sweep(cfg, resume=args.resume, progress=not args.no_progress)
@@ -51,6 +54,8 @@ def run(args) -> int:
     inspect_args = [str(model_dir), "--image", str(image_path), "--question", sample.question,
                     "--preset", "avar", "--alpha", "0.5", "--beta", "0.5", "--max-new-tokens", "8",
                     "--out", str(out / "inspect")]
+    if args.system:
+        inspect_args += ["--system", args.system]
     if sample.bbox:
         inspect_args += ["--box", *map(str, sample.bbox[0])]
     parser = argparse.ArgumentParser()

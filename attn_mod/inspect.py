@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 INTERVENTION_PARAMS = {"avar": ("alpha", "beta", "renorm", "layers"), "pai": ("alpha", "layers"),
-                       "vaf": ("layers",), "identity": ()}  # the CLI flags each preset takes
+                       "vaf": ("enhance", "suppress", "layers"), "identity": ()}  # the CLI flags each preset takes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     renorm.add_argument("--renorm", dest="renorm", action="store_true", default=None,
                         help="avar: renormalise the reweighted attention rows (default)")
     renorm.add_argument("--raw", dest="renorm", action="store_false", help="avar: literal element-wise weights")
-    parser.add_argument("--layers", nargs="+", default=None,
-                        help="layers the intervention applies to: indices, 'start:stop' or 'all' (preset default)")
+    add_preset_arguments(parser)
     parser.add_argument("--vas-rows", default="answer", choices=("answer", "response", "after_image", "all"),
                         help="query rows of VAS and the mass shares (default answer: the rows that produce the "
                              "answer tokens; see attn_mod.metrics.select_rows)")
@@ -74,22 +73,27 @@ def load_image(path):
         raise ValueError(f"{path} is not an image PIL can decode ({e}); pass a PNG, JPEG, WebP, ... file") from None
 
 
+def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    """--layers / --enhance / --suppress (shared with `attn-mod eval`)."""
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="layers the intervention applies to: indices, 'start:stop' or 'all' (default: the "
+                             "preset's; pai and vaf defaults are fractions of the depth, see Intervention.pai/vaf)")
+    parser.add_argument("--enhance", type=float, default=None, help="vaf: image-key score factor (default 1.15)")
+    parser.add_argument("--suppress", type=float, default=None, help="vaf: system-key score factor (default 0.95)")
+
+
 def parse_layers(values):
-    if values is None:
-        return None
-    if len(values) == 1 and (values[0] == "all" or ":" in values[0]):
-        return values[0]
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--layers takes layer indices, 'start:stop' or 'all', got {' '.join(values)}") from None
+    from .intervention import parse_layer_spec
+
+    return parse_layer_spec(values)
 
 
 def build_intervention(args):
     """The `Intervention` of --preset with the given parameters (the preset's validators raise ValueError)."""
     from .intervention import Intervention
 
-    given = {"alpha": args.alpha, "beta": args.beta, "renorm": args.renorm, "layers": parse_layers(args.layers)}
+    given = {"alpha": args.alpha, "beta": args.beta, "renorm": args.renorm, "layers": parse_layers(args.layers),
+             "enhance": getattr(args, "enhance", None), "suppress": getattr(args, "suppress", None)}
     given = {k: v for k, v in given.items() if v is not None}
     allowed = INTERVENTION_PARAMS[args.preset]
     wrong = [k for k in given if k not in allowed]
@@ -97,7 +101,7 @@ def build_intervention(args):
         flags = ", ".join("--raw/--renorm" if k == "renorm" else f"--{k}" for k in wrong)
         takes = ", ".join(f"--{k}" for k in allowed) or "no parameters"
         raise ValueError(f"preset {args.preset!r} does not take {flags} (it takes {takes}); "
-                         "pass --preset avar (alpha, beta) or --preset pai (alpha)")
+                         "pass --preset avar (alpha, beta), --preset pai (alpha) or --preset vaf (enhance, suppress)")
     return Intervention.from_preset(args.preset, **given)
 
 
@@ -188,7 +192,7 @@ def _token_records(rec, gen, tokenizer, S: int):
 
 def run(args) -> int:
     from . import viz
-    from .categories import TARGET
+    from .categories import SYSTEM, TARGET
     from .kernels.function import resolve_backend
     from .loading import load_model
     from .metrics import vas_from_masses, write_jsonl
@@ -231,6 +235,7 @@ def run(args) -> int:
     profile = viz.layer_profile(masses, qcats, rows=args.vas_rows)
     key_cats = rec.categories[0].cpu()
     n_target = int((key_cats[:S] == TARGET).sum())
+    n_system = int((key_cats[:S] == SYSTEM).sum())
     span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
                                                 inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
                                                 mm_token_type_ids=inputs.get("mm_token_type_ids"))
@@ -249,7 +254,7 @@ def run(args) -> int:
                            span, image, path=out / "heatmap_layers.png", title=f"{rows_text}, mean over rows and heads",
                            **draw)
     color_key, color_label = (("a", "target attention a (mean P' per target token, last layer)") if n_target else
-                              ("mass_image_all", "image attention (P' on all visual tokens, last layer)"))
+                              ("mass_image", "image attention (P' on all visual tokens, last layer)"))
     title = f"{Path(args.model).name}, {intervention.describe()}: {args.question}"
     for suffix in ("png", "html"):
         viz.token_text_figure([r["token"] for r in records], [r[color_key] for r in records],
@@ -257,7 +262,7 @@ def run(args) -> int:
     viz.layer_curves(masses, qcats, rows=args.vas_rows, path=out / "layers.png",
                      title=f"{rows_text}, {intervention.describe()}")
     series = ({"a (target, per token)": "a", "v (image, per token)": "v"} if n_target else
-              {"image mass": "mass_image_all"})
+              {"image mass": "mass_image"})
     viz.entropy_bins(entropy, {label: torch.tensor([r[key] for r in records]) for label, key in series.items()},
                      path=out / "entropy.png", ylabel="attention (last layer)",
                      title=f"attention vs entropy of the {n} generated tokens")
@@ -275,7 +280,7 @@ def run(args) -> int:
                          "dtype": str(model.dtype).removeprefix("torch.")},
         "box": {"given": boxes, "convention": args.box_convention, "pixels": [list(b) for b in boxes_px],
                 "target_tokens": n_target, "image_tokens": int(span.positions.numel())},
-        "tokens": {"prompt": S, "generated": n},
+        "tokens": {"prompt": S, "generated": n, "system": n_system},
         "answer_rows": "the query rows that produced each generated token (last prompt row, then the rows of "
                        "generated tokens 0..n-2); token metrics at the last layer",
         "vas": {"value": vas.mean(), "form": vas.form, "rows": vas.rows, "describe": vas.describe(),
@@ -294,6 +299,9 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2) + "\n", encoding="utf-8")
     print(answer)
     print(f"VAS {vas.mean():.4g} ({vas.describe()}); outputs in {out}/")
+    if n_system == 0:
+        print("note: the prompt has no system turn (this chat template adds none): VAS (ratio form) is undefined "
+              "and beta (system suppression) changes nothing; pass --system TEXT")
     return 0
 
 

@@ -4,9 +4,13 @@ Published methods are presets of one operator (DESIGN.md, "Published methods"):
 
     Intervention.avar(alpha=0.2, beta=0.5)   # w[IMAGE,TARGET] = 1+alpha, w[SYSTEM] = 1-beta, renorm
     Intervention.pai(alpha=0.2)              # absw[IMAGE,TARGET] = alpha, layers 2.., answer rows
-    Intervention.vaf()                       # mul[IMAGE,TARGET] = 1.15, mul[SYSTEM] = 0.95, layers 9-14
+    Intervention.vaf()                       # mul[IMAGE,TARGET] = 1.15, mul[SYSTEM] = 0.95, layers [9/32, 15/32)
+                                             # of the depth (9-14 of 32 layers, 8-12 of 28)
     Intervention.identity()                  # analysis only
-    Intervention(w={"visual": 1.3}, layers=[0, 1], heads=[2], query=["response"])   # generic
+    Intervention(w={"image": 1.3}, layers=[0, 1], heads=[2], query=["response"])   # generic
+
+Table keys are category names: "image" is every visual token (IMAGE + TARGET, codes 3 and 4); its parts
+are "image_outside_target" (3) and "target" (4); a part's key overrides "image" for that part.
 
 `updated(**params)` re-runs the preset with new parameters (live retuning for sweeps).
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -33,21 +37,80 @@ def _check_finite(name: str, value: float) -> float:
 
 
 def _table(spec: Mapping | None, what: str) -> dict[int, float]:
-    out: dict[int, float] = {}
+    """{key: value} -> {code: value}. "image" covers IMAGE and TARGET; a key naming one code ("target",
+    "image_outside_target", 4) overrides a group key, so {"image": 2, "target": 3} boosts target tokens by 3
+    and the rest of the image by 2. Two keys of the same kind giving one code different values is an error."""
+    parsed = []
     for key, val in (spec or {}).items():
         try:
             codes = parse_categories(key)
         except ValueError as e:
             raise ValueError(f"{e} (a key of table {what!r})") from None
-        for code in codes:
-            out[code] = _check_finite(f"{what}[{key!r}]", val)
+        parsed.append((len(codes) > 1, key, codes, _check_finite(f"{what}[{key!r}]", val)))
+    out: dict[int, float] = {}
+    for group in (True, False):  # group keys first, single-code keys override them
+        seen: dict[int, Any] = {}
+        for is_group, key, codes, val in parsed:
+            if is_group != group:
+                continue
+            for code in codes:
+                if code in seen and out[code] != val:
+                    raise ValueError(f"table {what!r}: keys {seen[code]!r} and {key!r} give category {code} "
+                                     f"different values ({out[code]} and {val})")
+                seen[code] = key
+                out[code] = val
     return out
 
 
+@dataclass(frozen=True)
+class DepthFraction:
+    """Layers given as a fraction of the model's depth: [round(start * L), round(stop * L)), at least one layer.
+
+    VAF's default uses it: ClearSight's "middle layers" 9-14 of a 32-layer model are [9/32, 15/32) of the
+    depth, so the preset fits models of any depth instead of failing "out of range" on small ones. (PAI's
+    default "2:" stays absolute: its intent is "skip the first two layers".) Integer layers stay absolute.
+    """
+
+    start: float
+    stop: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.start < self.stop <= 1:
+            raise ValueError(f"DepthFraction needs 0 <= start < stop <= 1, got {self.start}, {self.stop}")
+
+    def resolve(self, n: int) -> tuple[int, ...]:
+        lo = min(round(self.start * n), n - 1)
+        hi = max(round(self.stop * n), lo + 1)
+        return tuple(range(lo, min(hi, n)))
+
+    def __repr__(self) -> str:
+        return f"depth[{self.start:.4g}:{self.stop:.4g}]"
+
+    __str__ = __repr__
+
+
+VAF_LAYERS = DepthFraction(9 / 32, 15 / 32)  # ClearSight's layers 9-14 of 32
+
+
+def parse_layer_spec(values: Sequence[str] | None):
+    """Command-line layers (`--layers 0 1`, `--layers 2:`, `--layers all`) -> an Intervention `layers` value."""
+    if values is None:
+        return None
+    if len(values) == 1 and (values[0] == "all" or ":" in values[0]):
+        return values[0]
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--layers takes layer indices, 'start:stop' or 'all', got {' '.join(values)}") from None
+
+
 def _resolve_indices(spec, n: int, what: str, hint: str) -> tuple[int, ...]:
-    """'all', an int, an iterable of ints, a range, a slice, or a 'a:b' string -> sorted indices in [0, n)."""
+    """'all', an int, an iterable of ints, a range, a slice, a 'a:b' string or a `DepthFraction` -> sorted
+    indices in [0, n)."""
     if spec is None or spec == "all":
         return tuple(range(n))
+    if isinstance(spec, DepthFraction):
+        return spec.resolve(n)
     if isinstance(spec, str):
         try:
             parts = [int(p) if p.strip() else None for p in spec.split(":")]
@@ -118,8 +181,11 @@ class Intervention:
                    params=dict(alpha=alpha, beta=beta, renorm=renorm, layers=layers, heads=heads, query=query))
 
     @classmethod
-    def pai(cls, alpha: float = 0.2, *, layers="2:", heads="all", query=("response", PROMPT_END)) -> Intervention:
-        """PAI: s' = s + alpha*|s| on image keys, layers 2..L-1, on the rows that produce the answer."""
+    def pai(cls, alpha: float = 0.2, *, layers=None, heads="all", query=("response", PROMPT_END)) -> Intervention:
+        """PAI: s' = s + alpha*|s| on image keys, on the rows that produce the answer. Default layers "2:"
+        (absolute, as in the paper: the first two, shallow layers are never modified), so on a model with <= 2
+        layers PAI resolves to no layer and `patch` warns; pass layers=... there."""
+        layers = "2:" if layers is None else layers
         alpha = _check_finite("alpha", alpha)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0 for PAI, got {alpha}")
@@ -127,9 +193,12 @@ class Intervention:
                    params=dict(alpha=alpha, layers=layers, heads=heads, query=query))
 
     @classmethod
-    def vaf(cls, enhance: float = 1.15, suppress: float = 0.95, *, layers=range(9, 15), heads="all",
+    def vaf(cls, enhance: float = 1.15, suppress: float = 0.95, *, layers=None, heads="all",
             query="all") -> Intervention:
-        """VAF / ClearSight: scale image-key scores by `enhance` and system-key scores by `suppress`."""
+        """VAF / ClearSight: scale image-key scores by `enhance` and system-key scores by `suppress`. Default
+        layers: [9/32, 15/32) of the depth (`VAF_LAYERS`; the paper's layers 9-14 of a 32-layer model, 8-12 of
+        a 28-layer one, layer 1 of a 2-layer one)."""
+        layers = VAF_LAYERS if layers is None else layers
         enhance, suppress = _check_finite("enhance", enhance), _check_finite("suppress", suppress)
         if enhance <= 0 or suppress <= 0:
             raise ValueError(f"enhance and suppress must be > 0, got {enhance}, {suppress}")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TokenCategory, prompt_end_index
+from .categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TokenCategory, category_name, prompt_end_index
 from .kernels.spec import NUM_CATEGORIES
 
 VAS_EPS = 1e-6
@@ -73,7 +74,8 @@ def select_rows(query_cats: torch.Tensor, rows="answer") -> torch.Tensor:
 
 @dataclass
 class VASResult:
-    """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows."""
+    """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows
+    or, in the ratio form, no system mass (no system turn: the ratio is undefined, a warning says so)."""
 
     value: torch.Tensor
     per_layer: torch.Tensor
@@ -122,6 +124,17 @@ def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: S
     score = img / (sys_ + eps) if form == "ratio" else img / (img + sys_ + eps)  # (L, B, H, Q)
     n = sel.sum(dim=1)  # (B,)
     per_head = (score * sel[None, :, None, :]).sum(-1) / n[None, :, None]  # (L, B, H); NaN if n == 0
+    if form == "ratio":
+        # No system mass at all (no system turn in the prompt): img / eps is not a ratio -> NaN.
+        sys_total = (sys_ * sel[None, :, None, :]).sum(dim=(0, 2, 3))  # (B,)
+        undefined = (sys_total == 0) & (n > 0)
+        if bool(undefined.any()):
+            warnings.warn(f"VAS (ratio form) is undefined for {int(undefined.sum())} of {B} sample(s): no attention "
+                          "mass on system tokens (the prompt has no system turn; Qwen3-VL's chat template adds none) "
+                          "-> reported as NaN. Give a system prompt (system: in a sweep config, --system on the "
+                          "command line); without one AVAR's beta (system suppression) changes nothing.",
+                          UserWarning, stacklevel=1)  # one call site: Python shows it once per process
+            per_head = torch.where(undefined[None, :, None], torch.full_like(per_head, float("nan")), per_head)
     per_layer = per_head.mean(dim=2)
     value = per_layer.mean(dim=0)
     return VASResult(value, per_layer, per_head.permute(0, 2, 1), tuple(layers) if layers else tuple(range(L)), form,
@@ -184,13 +197,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
-MASS_COLUMNS = {f"mass_{c.name.lower()}": int(c) for c in TokenCategory if c != TokenCategory.PAD}
+# Per-token mass columns: mass_image is IMAGE + TARGET; its parts are mass_image_outside_target and mass_target.
+MASS_COLUMNS = {f"mass_{category_name(c)}": int(c) for c in TokenCategory if c != TokenCategory.PAD}
 
 
 def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[Sequence[str]] | None = None,
                       entropy: torch.Tensor | None = None, rows="all") -> list[dict]:
-    """A tidy table (list of dicts) with one row per (sample, query token): category, head-mean masses per
-    category at `layer`, image mass, SAYO a / v / R_a, optional token text and entropy (B, Q)."""
+    """A tidy table (list of dicts) with one row per (sample, query token): category, head-mean masses at
+    `layer` (mass_image = IMAGE + TARGET, and per code: mass_system, mass_text, mass_image_outside_target,
+    mass_target, mass_response), SAYO a / v / R_a, optional token text and entropy (B, Q)."""
     mass = rec.mass(layer, run).float().mean(dim=1)  # (B, Q, C)
     qcats = rec.query_categories(run)
     ta = target_attention(rec, layers=(layer,), run=run)
@@ -200,12 +215,12 @@ def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[S
     out = []
     for b in range(B):
         for i in sel[b].nonzero().flatten().tolist():
-            row = {"sample": b, "position": K - Q + i, "category": TokenCategory(int(qcats[b, i])).name.lower()}
+            row = {"sample": b, "position": K - Q + i, "category": category_name(int(qcats[b, i]))}
             if tokens is not None:
                 row["token"] = tokens[b][i]
+            row["mass_image"] = float(image_mass(mass[b, i]))
             for name, code in MASS_COLUMNS.items():
                 row[name] = float(mass[b, i, code])
-            row["mass_image_all"] = float(image_mass(mass[b, i]))
             row["a"], row["v"], row["R_a"] = (float(t[0, b, i]) for t in (ta.a, ta.v, ta.reward))
             if entropy is not None:
                 row["entropy"] = float(entropy[b, i])

@@ -14,6 +14,7 @@ its module up, checks the labels against the key length and calls the operator (
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -103,6 +104,10 @@ class PatchState:
         self.intervention = intervention
         self.transform = intervention.transform()
         self.active_layers = frozenset() if self.transform.is_identity() else layers
+        if not layers and not self.transform.is_identity():
+            warnings.warn(f"intervention {intervention.describe()} resolves to no layer of this {self.num_layers}-layer "
+                          f"model (layers={intervention.layers!r}): it changes nothing; pass layers within "
+                          f"0..{self.num_layers - 1}", UserWarning, stacklevel=3)
         self.head_enable = None if bool(heads.all()) else heads
         self._transform_on: dict[torch.device, Any] = {}
 
@@ -303,6 +308,7 @@ class PatchHandle:
             if by not in SELECTION_RULES:
                 raise ValueError(f"unknown selection rule {by!r}; choose one of {SELECTION_RULES}")
             self.state.geometry()  # fail now, not at the next forward, if the processor does not fit
+            _check_boxes(boxes, images, convention)
             self.state.target = BoxTarget(list(boxes), None if images is None else list(images),
                                           None if videos is None else list(videos), convention, by)
             return self
@@ -311,10 +317,24 @@ class PatchHandle:
         self.state.target = None if mask is None else mask.bool()
         return self
 
-    def set_categories(self, cats: torch.Tensor | None) -> PatchHandle:
-        """Explicit (B, S) category codes for the following prefills (None returns to automatic labels)."""
+    def set_categories(self, cats: torch.Tensor | None, *, inputs=None) -> PatchHandle:
+        """Explicit (B, S) category codes for the following prefills (None returns to automatic labels).
+
+        inputs: the batch the codes are for (its `input_ids` tensor, or the processor's dict); when given, the
+        shape (and PAD = attention_mask 0) is checked now rather than at the next forward."""
         self._check_alive()
-        self.state.explicit = None if cats is None else validate_categories(cats)
+        if cats is None:
+            self.state.explicit = None
+            return self
+        ids = inputs.get("input_ids", inputs.get("inputs_embeds")) if isinstance(inputs, dict) else inputs
+        shape = None if ids is None else tuple(ids.shape[:2])
+        cats = validate_categories(cats, shape)
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        if mask is not None and bool(((cats == PAD) != (mask.to(cats.device) == 0)).any()):
+            b, s = ((cats == PAD) != (mask.to(cats.device) == 0)).nonzero()[0].tolist()
+            raise ValueError(f"categories disagree with attention_mask at (sample {b}, position {s}): PAD (0) must "
+                             "mark exactly the padded positions (attention_mask == 0)")
+        self.state.explicit = cats
         return self
 
     def remove(self) -> None:
@@ -341,6 +361,29 @@ class PatchHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _check_boxes(boxes, images, convention: str) -> None:
+    """Validate pixel boxes at `set_target` (one list per sample): numbers, corner order and, when each sample
+    has exactly one image, that the box fits that image (the error names the part outside)."""
+    from .regions import _is_box, _parse_entry, box_to_pixels
+
+    if not isinstance(boxes, (list, tuple)):
+        raise ValueError("boxes must be a list with one entry per batch sample (None or [] for no target)")
+    one_each = images is not None and len(images) == len(boxes)
+    for b, sample_boxes in enumerate(boxes):
+        if sample_boxes is None:
+            continue
+        entries = [sample_boxes] if _is_box(sample_boxes) else list(sample_boxes)
+        for entry in entries:
+            kind, k, box, _ = _parse_entry(entry, b)
+            size = images[b] if one_each and kind == "image" and k in (-1, 0) else None
+            if convention == "resized":
+                size = None  # needs the processor's resized size: checked at the forward
+            try:  # unknown size: a huge canvas still catches bad numbers, inverted corners, negative pixels
+                box_to_pixels(box, size if size is not None else (10**9, 10**9), convention)
+            except ValueError as e:
+                raise ValueError(f"boxes[{b}]: {e}") from None
 
 
 def _pre_hook(state: PatchState):

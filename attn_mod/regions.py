@@ -258,8 +258,17 @@ def _box_pixels_exact(box, image_size, convention: str, resized_hw=None) -> tupl
         hint = ""
         if convention == "pixel" and max(map(abs, coords)) <= 1000:
             hint = " (did you mean convention='qwen1000' or 'resized'?)"
-        raise ValueError(f"box {box!r} ({convention}) lies outside the {w}x{h} (WxH) image{hint}; "
-                         "clip it to the image or pass the right convention/image size")
+        parts = [f"x0={float(x0):g} is {float(-x0):g} px left of the image" if x0 < -tol else "",
+                 f"y0={float(y0):g} is {float(-y0):g} px above it" if y0 < -tol else "",
+                 f"x1={float(x1):g} is {float(x1 - w):g} px past the right edge (W={w})" if x1 > w + tol else "",
+                 f"y1={float(y1):g} is {float(y1 - h):g} px below the bottom edge (H={h})" if y1 > h + tol else ""]
+        inside = x1 > 0 and y1 > 0 and x0 < w and y0 < h
+        clipped = [max(float(x0), 0), max(float(y0), 0), min(float(x1), w), min(float(y1), h)]
+        where = "extends outside" if inside else "lies entirely outside"
+        fix = (f"clip it to the image ({', '.join(f'{v:g}' for v in clipped)} in original pixels)"
+               if inside else "check the box")
+        raise ValueError(f"box {box!r} ({convention}) {where} the {w}x{h} (WxH) image: "
+                         f"{'; '.join(p for p in parts if p)}{hint}; {fix} or pass the right convention/image size")
     clamp = lambda v, hi: min(max(v, Fraction(0)), Fraction(hi))  # noqa: E731
     return clamp(x0, w), clamp(y0, h), clamp(x1, w), clamp(y1, h)
 

@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import IdentityTransform
 
-from .categories import RESPONSE, SYSTEM, TARGET, TEXT
+from .categories import IMAGE, RESPONSE, SYSTEM, TARGET, TEXT
 from .metrics import image_mass, select_rows, vas_from_masses
 from .regions import VisualSpan, box_to_pixels, image_hw, token_grid
 
@@ -307,7 +307,9 @@ body {{ font-family: "DejaVu Sans", Arial, sans-serif; margin: 1.5em; max-width:
 
 
 # ----------------------------------------------------------------------------------------- layers
-PROFILE_CATEGORIES = {"image": None, "target": TARGET, "system": SYSTEM, "text": TEXT, "response": RESPONSE}
+# "image" is IMAGE + TARGET (all visual tokens); its parts are image_outside_target and target.
+PROFILE_CATEGORIES = {"image": None, "image_outside_target": IMAGE, "target": TARGET, "system": SYSTEM, "text": TEXT,
+                      "response": RESPONSE}
 
 
 def layer_profile(masses: torch.Tensor, query_cats: torch.Tensor, *, rows="response", form: str = "ratio",
@@ -316,7 +318,7 @@ def layer_profile(masses: torch.Tensor, query_cats: torch.Tensor, *, rows="respo
 
     masses (L, B, Hq, Q, C), query_cats (B, Q), rows as in `metrics.select_rows`. Returns
     {"layers": [...], "vas": [L], "vas_describe": str, "<category>": [L] mean mass share over heads and
-    rows} for image (IMAGE + TARGET), target, system, text, response.
+    rows} for image (IMAGE + TARGET), its parts image_outside_target and target, system, text, response.
     """
     res = vas_from_masses(masses, query_cats, layers=layers, rows=rows, form=form)
     sel = select_rows(query_cats.to(masses.device), rows).float()  # (B, Q)
@@ -334,7 +336,8 @@ def layer_curves(masses: torch.Tensor, query_cats: torch.Tensor, *, path, rows="
                  layers: Sequence[int] | None = None, title: str = "", size: tuple[float, float] = (11.0, 4.2),
                  dpi: int = 100) -> Path:
     """Two panels over layers: VAS (`metrics.vas_from_masses`, stated form) and the mean attention mass
-    share of each category (image = IMAGE + TARGET), mean over heads and the `rows` query rows.
+    share of each key category, stacked (image outside target, target, system, text, response; the line is
+    image = IMAGE + TARGET), mean over heads and the `rows` query rows.
 
     masses (L, B, Hq, Q, C) from `Recording.masses()`; query_cats (B, Q); layers: labels of the L layers.
     """
@@ -351,10 +354,14 @@ def layer_curves(masses: torch.Tensor, query_cats: torch.Tensor, *, path, rows="
     ax1.set_xlabel("layer")
     ax1.set_ylabel("VAS = mean img/(sys+eps)" if form == "ratio" else "VAS = mean img/(img+sys+eps)")
     ax1.set_title(f"VAS per layer ({form} form)", fontsize=10)
-    styles = {"image": ("tab:red", "-"), "target": ("tab:orange", "--"), "system": ("tab:blue", "-"),
-              "text": ("tab:green", "-"), "response": ("tab:gray", ":")}
-    for name, (color, ls) in styles.items():
-        ax2.plot(x, prof[name], marker=".", color=color, ls=ls, label=name)
+    # Stacked shares, so the two parts of the image never overlap: the top of the "target" band is the image
+    # mass (IMAGE + TARGET), drawn as a line.
+    bands = {"image outside target": ("image_outside_target", "#f4a582"), "target": ("target", "#ca0020"),
+             "system": ("system", "#4393c3"), "text": ("text", "#7fbf7b"), "response": ("response", "#bababa")}
+    ys = [np.nan_to_num(np.asarray(prof[key], dtype=float)) for key, _ in bands.values()]
+    ax2.stackplot(x, *ys, labels=list(bands), colors=[c for _, c in bands.values()], alpha=0.9)
+    ax2.plot(x, np.nan_to_num(np.asarray(prof["image"], dtype=float)), color="black", lw=1.5, marker=".",
+             label="image (total)")
     ax2.set_ylim(0, 1)
     ax2.set_xlabel("layer")
     ax2.set_ylabel("attention mass share")

@@ -32,7 +32,7 @@ def test_pai_and_vaf_tables():
     vaf = Intervention.vaf()
     tv = vaf.transform()
     assert tv.mul[IMAGE] == pytest.approx(1.15) and tv.mul[SYSTEM] == pytest.approx(0.95)
-    assert vaf.layer_indices(28) == tuple(range(9, 15))
+    assert vaf.layer_indices(32) == tuple(range(9, 15))  # [9/32, 15/32) of the depth
     assert Intervention.identity().transform().is_identity()
 
 

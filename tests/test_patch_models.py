@@ -251,7 +251,7 @@ def test_patch_twice_and_unsupported_models():
     with pytest.raises(ValueError, match="unknown attention backend"):
         attn_mod.patch(model, proc, backend="cuda-magic")
     with pytest.raises(ValueError, match="layer index 9 is out of range for a model with 2 decoder layers"):
-        attn_mod.patch(model, proc, intervention=Intervention.vaf())
+        attn_mod.patch(model, proc, intervention=Intervention.vaf(layers=range(9, 15)))  # explicit layers stay absolute
     assert model.config.text_config._attn_implementation == "sdpa"  # failed patches leave no trace
 
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -260,3 +260,62 @@ def test_config_paths_resolve_against_the_yaml_file(workspace, tmp_path, monkeyp
     assert (tmp_path / "runs" / "x" / "results.jsonl").exists()
     shipped = load_sweep_config(Path(__file__).parents[1] / "configs" / "sweeps" / "tiny_avar.yaml")
     assert Path(shipped.output_dir).resolve() == (Path(__file__).parents[1] / "runs" / "demo" / "sweep").resolve()
+
+
+def test_summary_compares_cells_on_the_same_samples(workspace):
+    """Issue 8 item 5: a cell run with --limit is not compared with a baseline over more samples."""
+    root, model_dir, tsv = workspace
+    full = run_sweep(config(root, model_dir, tsv, "same", grid=None), progress=False)  # baseline, 6 samples
+    assert full.summary["rows"][0]["n"] == 6
+    cfg = config(root, model_dir, tsv, "same", grid={"preset": "avar", "alpha": [0.5], "beta": [0.5]})
+    res = run_sweep(cfg, progress=False, limit=2)
+    assert res.new_records == 2
+    by = {r["cell"]: r for r in res.summary["rows"]}
+    assert by["identity"]["n"] == by["avar(alpha=0.5,beta=0.5)"]["n"] == 2
+    rows = [json.loads(x) for x in open(res.paths["results"])]
+    first2 = {r["sample_id"] for r in rows if r["cell"] != "identity"}
+    base = [r for r in rows if r["cell"] == "identity" and r["sample_id"] in first2]
+    assert by["identity"]["accuracy"] == pytest.approx(sum(r["correct"] for r in base) / 2)
+    md = res.paths["markdown"].read_text()
+    assert "n per dataset: synth=2" in md and "(n=" not in md
+    # a cell with fewer rows than the sample set (interrupted) is marked
+    from attn_mod.eval.summary import markdown_table, summarize
+
+    cells = cfg.build_cells()
+    partial = [r for r in rows if not (r["cell"] != "identity" and r["sample_id"] == sorted(first2)[0])]
+    s = summarize(partial, cells, ["synth"], sample_ids={"synth": sorted(first2)})
+    md = markdown_table(s)
+    assert "(n=1)" in md and "fewer evaluated samples" in md
+
+
+def test_cli_is_fast_and_heatmaps_are_drawn_once(workspace, tmp_path, monkeypatch):
+    """Issue 8 item 12: --help and validation errors import neither torch nor transformers; a sweep draws its
+    heatmaps once, at the end (also when a resumed sweep has nothing to do)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom attn_mod.cli import main\n"
+             "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules], code)\n")
+
+    def heavy(*argv):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path).stdout
+        return out.strip().splitlines()[-1]
+
+    assert heavy("--help") == "HEAVY [] 0"
+    assert heavy("eval", "--help") == "HEAVY [] 0"
+    assert heavy("sweep", "--help") == "HEAVY [] 0"
+    assert "'transformers'" not in heavy("sweep", str(tmp_path / "missing.yaml"))
+    assert "'transformers'" not in heavy("eval", "--model", str(tmp_path / "nope"), "--data", "x.tsv")
+
+    from attn_mod.eval import summary as summary_mod
+
+    calls = []
+    real = summary_mod.heatmaps
+    monkeypatch.setattr(summary_mod, "heatmaps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    root, model_dir, tsv = workspace
+    cfg = config(root, model_dir, tsv, "once")
+    res = run_sweep(cfg, progress=False, limit=2)
+    assert len(calls) == 1 and res.paths["heatmap_synth"].exists()
+    assert run_sweep(cfg, progress=False, limit=2).new_records == 0 and len(calls) == 2

@@ -741,6 +741,8 @@ class Benchmark:
             return ImageSource(data=bytes(item), where=where)
         text = str(item).strip()
         if tsv_b64:
+            if _looks_like_path(text):  # base64 has no "."; a file name in the image column is a path
+                return ImageSource(path=self._image_path(text), where=where)
             if len(text) <= 64:  # VLMEvalKit: the index of another row carrying the image
                 reader = self._reader
 
@@ -748,7 +750,9 @@ class Benchmark:
                     try:
                         target = reader.image_for_index(ref)
                     except KeyError:
-                        raise DatasetError(f"{where}: image refers to index '{ref}', which is not in the file") from None
+                        raise DatasetError(f"{where}: image refers to index '{ref}', which is not in the file "
+                                           "(the 'image' column holds base64 data, a row index or an image "
+                                           "file name)") from None
                     if _is_missing(target) or len(str(target).strip()) <= 64:
                         raise DatasetError(f"{where}: image refers to index '{ref}', whose image is not base64 data")
                     return str(target)
@@ -818,6 +822,11 @@ class Benchmark:
                 raise DatasetError(f"{where}: bbox {b!r} has x1 < x0 or y1 < y0")
             boxes.append((x0, y0, x1, y1))
         return tuple(boxes)
+
+
+def _looks_like_path(text: str) -> bool:
+    """An image file name (base64 data and row indices never end in ".png", ".jpg", ...)."""
+    return len(text) < 4096 and Path(text).suffix.lower() in _IMAGE_EXTS
 
 
 def _scalar_str(v: Any) -> str:

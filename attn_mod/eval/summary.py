@@ -68,10 +68,12 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
             beats[ds] = base is None or top["accuracy"] > base
     n_expected = {ds: (len(wanted[ds]) if wanted is not None and ds in wanted else
                        max((r["n"] for r in rows if r["dataset"] == ds), default=0)) for ds in datasets}
+    no_system = {ds: sum(1 for r in records if r["dataset"] == ds and r.get("n_system") == 0
+                         and (wanted is None or r["sample_id"] in wanted.get(ds, ()))) for ds in datasets}
     vas_rows = sorted({r.get("vas_rows", "response") for rs in groups.values() for r in rs if "vas" in r})
     return {"rows": rows, "best": best, "best_beats_baseline": beats, "baseline": baseline,
             "datasets": list(datasets), "cells": [c.id for c in cells], "n_expected": n_expected,
-            "vas_rows": vas_rows, "metrics": metrics}
+            "vas_rows": vas_rows, "rows_without_system": no_system, "metrics": metrics}
 
 
 def _pct(x) -> str:
@@ -112,6 +114,12 @@ def markdown_table(summary: dict) -> str:
     tied = [d for d in datasets if d in summary["best"] and not summary["best_beats_baseline"].get(d)]
     if tied:
         lines.append("No cell beats the baseline on: " + ", ".join(tied) + ".")
+    inert = {d: k for d, k in summary.get("rows_without_system", {}).items() if k}
+    if inert and any(r["preset"] == "avar" for r in rows):
+        lines.append("**beta is inert here**: " + ", ".join(f"{d}: {k} result row(s)" for d, k in inert.items())
+                     + " have no system-prompt tokens (this model's chat template adds no system turn), so beta "
+                     "(system weight 1-beta) changes nothing there and VAS (ratio form) is undefined (NaN). Set "
+                     "`system:` in the sweep config (or `--system` for eval / demo).")
     if has_vas:
         from ..metrics import ROW_SET_MEANING
 

@@ -23,18 +23,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import capture
+from ..categories import SYSTEM
 from ..jsonl import quarantine_path, read_jsonl
 from ..metrics import select_rows, target_attention, vas
 from ..patch import patch
 from .benchmark_metrics import metric_for, record_fields
-from .datasets import Benchmark, load_benchmark
+from .datasets import Benchmark, DatasetError, load_benchmark
 from .distributed import merge_shards, my_units, process_context, shard_files, shard_path
 from .generation import Request, generate_batch
 from .prompts import COT_INSTRUCTIONS, DEFAULT_INSTRUCTIONS, build_prompt
 from .results import KEY_FIELDS, ResultStore, record_key
 from .scoring import score
 from .summary import summarize, write_summary
-from .sweep_config import Cell, DatasetConfig, SweepConfig
+from .sweep_config import Cell, DatasetConfig, SweepConfig, check_model
 
 MANIFEST_KEYS = ("model", "dtype", "generation", "datasets", "attention_metrics", "vas_rows", "system")
 LEGACY_MANIFEST = {"vas_rows": "response", "system": None}  # what older manifests without these keys used
@@ -51,21 +52,6 @@ class SweepResult:
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C during a sweep; the message says how many rows are saved and that rerunning resumes."""
-
-
-def check_model(cfg: SweepConfig) -> None:
-    """Cheap checks of model, device and backend (nothing loaded, nothing written); ValueError naming the fix."""
-    from ..loading import check_backend, check_device, check_model_path
-
-    check_device(cfg.device)
-    check_backend(cfg.backend, cfg.device)
-    if cfg.model.startswith("tiny:"):
-        from ..tiny import FAMILIES
-
-        if cfg.model.split(":", 1)[1] not in FAMILIES:
-            raise ValueError(f"unknown tiny model {cfg.model!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}")
-    else:
-        check_model_path(cfg.model)
 
 
 def load_model_for(cfg: SweepConfig):
@@ -142,6 +128,18 @@ def _attention_metrics(rec, samples, rows: str) -> list[dict]:
             row["target_reward"] = _num(ta.reward[0, b][sel].mean()) if sel.any() else None
         out.append(row)
     return out
+
+
+def _check_bbox(sample, images, d: DatasetConfig) -> None:
+    """A sample's target boxes must fit its first image; the error names the file, row and index."""
+    from ..regions import box_to_pixels
+
+    for box in sample.bbox or ():
+        try:
+            box_to_pixels(box, images[0])
+        except (ValueError, IndexError) as e:
+            raise DatasetError(f"{d.path} row {sample.row} (index {sample.index!r}): bbox {list(box)}: "
+                               f"{e if images else 'the sample has no image'}") from None
 
 
 def _num(t) -> float | None:
@@ -261,7 +259,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
 def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: DatasetConfig, dataset: str, chunk,
                seed: int) -> list[dict]:
     gen = cfg.generation
-    requests = [Request(_prompt_of(s, d), s.load_images(), d.system) for s in chunk]
+    system = d.system if d.system is not None else cfg.system
+    requests = [Request(_prompt_of(s, d), s.load_images(), system) for s in chunk]
+    if cfg.attention_metrics:
+        for s, r in zip(chunk, requests):
+            _check_bbox(s, r.images, d)
     metrics = [{} for _ in chunk]
     t0 = time.perf_counter()
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
@@ -279,11 +281,12 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
     else:
         outs = generate_batch(model, processor, requests, **kwargs)
     seconds = (time.perf_counter() - t0) / len(chunk)
+    n_system = (handle.categories == SYSTEM).sum(dim=1).tolist()  # system-prompt slots of each sample
     records = []
-    for s, o, m in zip(chunk, outs, metrics):
+    for s, o, m, ns in zip(chunk, outs, metrics, n_system):
         res = score(s, o.text)
         records.append({"cell": cell.id, "dataset": dataset, **s.to_record(), "prediction": o.text,
                         "extracted": res.extracted, "correct": res.correct, "method": res.method,
-                        "n_tokens": len(o.token_ids), "seconds": round(seconds, 4), **m,
+                        "n_tokens": len(o.token_ids), "n_system": int(ns), "seconds": round(seconds, 4), **m,
                         **({"meta": meta} if (meta := record_fields(s)) else {})})
     return records

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .sweep_config import CellConfig, DatasetConfig, GenerationConfig, SweepConfig, load_sweep_config
+# Only argparse at import time (fast --help); configs are validated before the runner (torch, transformers)
+# is imported.
 
 
 def _add_resume(p: argparse.ArgumentParser, folder: str) -> None:
@@ -33,8 +34,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--raw", action="store_true", help="AVAR without renormalisation (literal element-wise)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="layers of the intervention: indices, 'start:stop' or 'all' (default: the preset's; pai "
+                        "and vaf defaults are fractions of the depth)")
+    p.add_argument("--enhance", type=float, default=None, help="vaf: image-key score factor (default 1.15)")
+    p.add_argument("--suppress", type=float, default=None, help="vaf: system-key score factor (default 0.95)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the unpatched model (default)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own; Qwen3-VL "
+                   "has none, and without one beta does nothing and VAS is undefined)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
@@ -60,10 +68,11 @@ def _print_result(result) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from .sweep_config import check_model, load_sweep_config
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
     cfg = load_sweep_config(args.config, overrides=overrides)  # validated before any process starts
+    check_model(cfg)
     if args.num_processes is not None and args.num_processes < 1:
         raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_processes and args.num_processes > 1:
@@ -82,23 +91,37 @@ def cmd_sweep(args) -> int:
                 argv += [flag, str(value)]
         return launch(argv + (["--no-progress"] if args.no_progress else []), args.num_processes,
                       cpu=not cfg.device.startswith("cuda"))
+    from .sweep import run_sweep
+
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .sweep import run_sweep
+    from ..intervention import parse_layer_spec
+    from .sweep_config import PRESET_PARAMS, CellConfig, DatasetConfig, GenerationConfig, SweepConfig, check_model
 
-    params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta)) if v is not None}
-    if args.preset == "avar" and args.raw:
+    params = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("layers", parse_layer_spec(args.layers)),
+                                ("enhance", args.enhance), ("suppress", args.suppress)) if v is not None}
+    if args.raw:
         params["renorm"] = False
+    allowed = PRESET_PARAMS[args.preset]
+    wrong = [k for k in params if k not in allowed]
+    if wrong:
+        flags = ", ".join("--raw" if k == "renorm" else f"--{k}" for k in wrong)
+        raise ValueError(f"--preset {args.preset} does not take {flags} (it takes "
+                         f"{', '.join('--' + k for k in allowed if k != 'renorm') or 'no parameters'})")
     cells = [] if args.preset == "identity" else [CellConfig(preset=args.preset, params=params)]
     cfg = SweepConfig(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                       datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
                       include_baseline=args.baseline or args.preset == "identity",
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-                      attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, output_dir=args.out)
+                      attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, system=args.system,
+                      output_dir=args.out)
     cfg.validate()
+    check_model(cfg)
+    from .sweep import run_sweep
+
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
     return 0
 

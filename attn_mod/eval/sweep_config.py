@@ -193,6 +193,22 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def check_model(cfg: SweepConfig) -> None:
+    """Cheap checks of model path / family, device and backend (nothing loaded, nothing written, no
+    transformers import); ValueError / FileNotFoundError naming the fix."""
+    from ..loading import check_backend, check_device, check_model_path
+
+    check_device(cfg.device)
+    check_backend(cfg.backend, cfg.device)
+    if cfg.model.startswith("tiny:"):
+        from ..tiny import FAMILIES
+
+        if cfg.model.split(":", 1)[1] not in FAMILIES:
+            raise ValueError(f"unknown tiny model {cfg.model!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}")
+    else:
+        check_model_path(cfg.model)
+
+
 def _under(base: Path, value: str | None) -> str | None:
     if value is None or value == "":
         return value

@@ -59,6 +59,16 @@ class Recording:
     def _record(self, layer: int, mass: torch.Tensor) -> None:
         self._runs[-1].setdefault(layer, []).append(mass.detach() if self.detach else mass)
 
+    def __repr__(self) -> str:
+        from .metrics import _ranges
+
+        shape = ""
+        if self._runs and self._runs[-1]:
+            cats = self._cats[-1]
+            shape = f", B={cats.shape[0]}, rows={self.query_categories().shape[1]}, keys={cats.shape[1]}"
+        return (f"Recording(layers={_ranges(self.layers)} of {self.num_layers}, runs={self.num_runs}{shape}"
+                f"{'' if self.detach else ', with grad'})")
+
     # public -----------------------------------------------------------------------------------
     @property
     def num_runs(self) -> int:
@@ -71,9 +81,12 @@ class Recording:
         """(B, Hq, Q, C) float32 masses of `layer` (negative indices count from the last layer)."""
         if not -self.num_layers <= layer < self.num_layers:
             raise IndexError(f"layer {layer} is out of range for a model with {self.num_layers} layers")
-        layer %= self.num_layers
+        given, layer = layer, layer % self.num_layers
         if layer not in self._layer_set:
-            raise KeyError(f"layer {layer} was not captured; captured layers: {list(self.layers)}")
+            how = (f"layer {given} is model layer {layer} (negative indices count from the model's last layer, "
+                   f"not from the captured ones)" if given < 0 else f"layer {layer}")
+            raise KeyError(f"{how} was not captured; captured layers: {list(self.layers)}; use one of those, "
+                           f"rec.masses() for all of them, or capture(model, layers=...) to record it")
         chunks = self._run(run).get(layer)
         if not chunks:
             raise RuntimeError(f"layer {layer} recorded nothing in run {run}")

@@ -10,8 +10,8 @@ Per generated token t the numbers come from the query row that produced it (the 
 t = 0, then the row of token t-1): its attention while choosing token t, and the entropy of the
 distribution token t was chosen from (raw logits, temperature 1). These "answer rows" are the rows of
 the per-token metrics (a / v / R_a) and of heatmap.png; VAS and the mass shares use the named row set of
---vas-rows (default "answer": the same rows, through `attn_mod.metrics.vas_from_masses`, as the API's
-`metrics.vas(rec)`).
+--vas-rows (default "response", as the API's `metrics.vas(rec)`, through the same
+`attn_mod.metrics.vas_from_masses`; "answer" adds the last prompt row, i.e. exactly the answer rows).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="avar: renormalise the reweighted attention rows (default)")
     renorm.add_argument("--raw", dest="renorm", action="store_false", help="avar: literal element-wise weights")
     add_preset_arguments(parser)
-    parser.add_argument("--vas-rows", default="answer", choices=("answer", "response", "after_image", "all"),
-                        help="query rows of VAS and the mass shares (default answer: the rows that produce the "
-                             "answer tokens; see attn_mod.metrics.select_rows)")
+    parser.add_argument("--vas-rows", default="response", choices=("response", "answer", "after_image", "all"),
+                        help="query rows of VAS and the mass shares (default response: the generated-token rows; "
+                             "answer: also the last prompt row; see attn_mod.metrics.select_rows)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -165,6 +165,10 @@ def _generate(model, processor, handle, args, image, boxes):
     with torch.no_grad(), capture(model, layers="all") as rec, record_rows(model, layers="all") as rows:
         gen = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                              stopping_criteria=[progress], output_logits=True, return_dict_in_generate=True)
+    done = gen.sequences.shape[1] - inputs["input_ids"].shape[1]
+    progress.bar.total = done  # stopped early (EOS) or counted one short: end the bar at the real count
+    progress.bar.n = done
+    progress.bar.refresh()
     progress.bar.close()
     return inputs, gen, rec, rows
 

@@ -92,6 +92,14 @@ class DepthFraction:
 VAF_LAYERS = DepthFraction(9 / 32, 15 / 32)  # ClearSight's layers 9-14 of 32
 
 
+def _where(spec) -> str:
+    if isinstance(spec, range):
+        return f"{spec.start}..{spec.stop - 1}" if spec.step == 1 else str(list(spec))
+    if isinstance(spec, (list, tuple)):
+        return "[" + ", ".join(map(str, spec)) + "]"
+    return str(spec)
+
+
 def parse_layer_spec(values: Sequence[str] | None):
     """Command-line layers (`--layers 0 1`, `--layers 2:`, `--layers all`) -> an Intervention `layers` value."""
     if values is None:
@@ -136,7 +144,7 @@ def _resolve_indices(spec, n: int, what: str, hint: str) -> tuple[int, ...]:
     return tuple(sorted(set(idx)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Intervention:
     """A per-category transform (tables keyed by category name or code) and where it applies.
 
@@ -266,6 +274,23 @@ class Intervention:
         if use_end:
             enable = enable | (row_pos[None, :] == prompt_end[:, None])
         return enable
+
+    def __repr__(self) -> str:
+        from .categories import category_name
+
+        def table(t: Mapping[int, float]) -> str:
+            items = dict(t)
+            parts = []
+            if IMAGE in items and TARGET in items and items[IMAGE] == items[TARGET]:
+                parts.append(f"image: {items.pop(IMAGE):.4g}")
+                items.pop(TARGET)
+            parts += [f"{category_name(c)}: {v:.4g}" for c, v in sorted(items.items())]
+            return "{" + ", ".join(parts) + "}"
+
+        tables = [f"{name}={table(getattr(self, name))}" for name in ("mul", "absw", "add", "w") if getattr(self, name)]
+        where = [f"{k}={_where(getattr(self, k))}" for k in ("layers", "heads", "query") if getattr(self, k) != "all"]
+        renorm = [] if self.renorm else ["renorm=False"]
+        return f"Intervention({self.describe()}; " + ", ".join(tables + renorm + where or ["no change"]) + ")"
 
     def describe(self) -> str:
         if self.params:

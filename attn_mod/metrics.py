@@ -5,8 +5,8 @@ recorded query rows (B, Q) / key slots (B, K). "Image" mass is IMAGE + TARGET.
 
 - VAS (AVAR):  mean over layers, heads and query rows i of  mass_img(i) / (mass_sys(i) + eps)  (ratio form,
   eps = 1e-6) or  mass_img / (mass_img + mass_sys + eps)  (share form). The rows are a named set (ROW_SETS,
-  `select_rows`): "answer" (default: the rows that produce answer tokens, i.e. the last prompt row and every
-  RESPONSE row), "response" (RESPONSE rows only), "after_image" (rows after the last visual token), "all".
+  `select_rows`): "response" (default, the spec's: RESPONSE rows), "answer" (the rows that produce answer
+  tokens: the last prompt row and every RESPONSE row), "after_image" (rows after the last visual token), "all".
 - Target attention (SAYO):  a(i) = mean_h mass_TARGET(i) / n_TARGET(i),  v(i) = mean_h mass_img(i) / n_img(i),
   n_X(i) = number of keys of set X visible to row i;  R_a(i) = 0.5 * (1 + tanh(log((a + eps) / (v + eps)))),
   eps = 1e-8, last layer by default.
@@ -29,10 +29,10 @@ from .kernels.spec import NUM_CATEGORIES
 
 VAS_EPS = 1e-6
 SAYO_EPS = 1e-8
-ROW_SETS = ("answer", "response", "after_image", "all")
+ROW_SETS = ("response", "answer", "after_image", "all")
 ROW_SET_MEANING = {
     "answer": "the rows that produce answer tokens (last prompt row + every response row)",
-    "response": "response-token rows (the first answer token's row, the last prompt row, excluded)",
+    "response": "the response-token rows; the last prompt row, which chose the first answer token, is excluded",
     "after_image": "every row after the last visual token",
     "all": "every non-pad row",
 }
@@ -43,12 +43,11 @@ def image_mass(mass: torch.Tensor) -> torch.Tensor:
     return mass[..., IMAGE] + mass[..., TARGET]
 
 
-def select_rows(query_cats: torch.Tensor, rows="answer") -> torch.Tensor:
+def select_rows(query_cats: torch.Tensor, rows="response") -> torch.Tensor:
     """(B, Q) bool of the query rows a metric averages over.
 
-    rows: "answer" (the rows that produce answer tokens: the last prompt row, i.e. the row before the first
-    RESPONSE row (or the last non-pad row when there is none), plus every RESPONSE row), "response" (RESPONSE
-    rows), "after_image" (non-pad rows after the last visual token), "all" (non-pad rows), or an explicit
+    rows: "response" (default: RESPONSE rows), "answer" (the rows that produce answer tokens: the last prompt row, i.e. the row before the first
+    RESPONSE row (or the last non-pad row when there is none), plus every RESPONSE row), "after_image" (non-pad rows after the last visual token), "all" (non-pad rows), or an explicit
     (B, Q) bool tensor.
     """
     if isinstance(rows, torch.Tensor):
@@ -72,7 +71,7 @@ def select_rows(query_cats: torch.Tensor, rows="answer") -> torch.Tensor:
     raise ValueError(f"rows must be one of {ROW_SETS} or a (B, Q) bool tensor, got {rows!r}")
 
 
-@dataclass
+@dataclass(repr=False)
 class VASResult:
     """VAS per sample (B,), per layer (L, B) and per layer and head (L, Hq, B); NaN where a sample has no rows
     or, in the ratio form, no system mass (no system turn: the ratio is undefined, a warning says so)."""
@@ -88,6 +87,10 @@ class VASResult:
     def mean(self) -> float:
         """Mean over the samples that have rows."""
         return float(self.value.nanmean())
+
+    def __repr__(self) -> str:
+        return (f"VASResult({self.form} form, rows={self.rows}, layers={_ranges(self.layers)}, "
+                f"B={self.value.shape[0]}, mean={self.mean():.4g})")
 
     def describe(self) -> str:
         formula = "mass_img/(mass_sys+eps)" if self.form == "ratio" else "mass_img/(mass_img+mass_sys+eps)"
@@ -109,7 +112,7 @@ def _ranges(layers: Sequence[int]) -> str:
 
 
 def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
-                    rows="answer", form: str = "ratio", eps: float = VAS_EPS) -> VASResult:
+                    rows="response", form: str = "ratio", eps: float = VAS_EPS) -> VASResult:
     """VAS from masses (L, B, Hq, Q, C) and query-row categories (B, Q)."""
     if form not in ("ratio", "share"):
         raise ValueError(f"VAS form must be 'ratio' or 'share', got {form!r}")
@@ -141,7 +144,7 @@ def vas_from_masses(masses: torch.Tensor, query_cats: torch.Tensor, *, layers: S
                      rows if isinstance(rows, str) else "custom", eps)
 
 
-def vas(rec, *, layers="all", rows="answer", form: str = "ratio", eps: float = VAS_EPS, run: int = -1) -> VASResult:
+def vas(rec, *, layers="all", rows="response", form: str = "ratio", eps: float = VAS_EPS, run: int = -1) -> VASResult:
     """VAS of a `Recording` (see `vas_from_masses`)."""
     chosen = rec.layers if layers == "all" else tuple(layers)
     masses = torch.stack([rec.mass(layer, run) for layer in chosen])
@@ -157,14 +160,37 @@ def visible_counts(key_cats: torch.Tensor, num_rows: int, causal: bool = True) -
     return oh.cumsum(dim=1)[:, K - num_rows:]
 
 
-@dataclass
+@dataclass(repr=False)
 class TargetAttention:
-    """SAYO per-token scores: a, v, R_a of shape (L, B, Q) (L = chosen layers); NaN where undefined."""
+    """SAYO per-token scores: a, v, R_a of shape (L, B, Q) (L = chosen layers); NaN where undefined (no
+    target / no image key visible). R_a is the one name of the SAYO quantity everywhere (per-token column
+    "R_a", inspect "R_a_mean", sweep "target_R_a")."""
 
     a: torch.Tensor
     v: torch.Tensor
-    reward: torch.Tensor
+    R_a: torch.Tensor
     layers: tuple[int, ...]
+    eps: float = SAYO_EPS
+
+    @property
+    def reward(self) -> torch.Tensor:
+        """Deprecated alias of `R_a`."""
+        return self.R_a
+
+    def mean(self, name: str = "R_a") -> float:
+        """Mean of `name` ("a", "v" or "R_a") over all layers, samples and rows where it is defined."""
+        if name not in ("a", "v", "R_a"):
+            raise ValueError(f"name must be 'a', 'v' or 'R_a', got {name!r}")
+        return float(getattr(self, name).float().nanmean())
+
+    def describe(self) -> str:
+        return ("SAYO target attention (a = mean_h mass_target / n_target, v = mean_h mass_image / n_image, "
+                f"R_a = 0.5*(1+tanh(log((a+eps)/(v+eps)))), eps={self.eps:g}; layers={_ranges(self.layers)})")
+
+    def __repr__(self) -> str:
+        L, B, Q = self.a.shape
+        return (f"TargetAttention(layers={_ranges(self.layers)}, B={B}, rows={Q}, a={self.mean('a'):.4g}, "
+                f"v={self.mean('v'):.4g}, R_a={self.mean('R_a'):.4g})")
 
 
 def target_attention_from_masses(masses: torch.Tensor, key_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
@@ -178,8 +204,8 @@ def target_attention_from_masses(masses: torch.Tensor, key_cats: torch.Tensor, *
     nan = torch.tensor(float("nan"), device=m.device)
     a = torch.where(n_target > 0, m[..., TARGET] / n_target.clamp_min(1), nan)
     v = torch.where(n_img > 0, image_mass(m) / n_img.clamp_min(1), nan)
-    reward = 0.5 * (1 + torch.tanh(torch.log((a + eps) / (v + eps))))
-    return TargetAttention(a, v, reward, tuple(layers) if layers else tuple(range(L)))
+    r_a = 0.5 * (1 + torch.tanh(torch.log((a + eps) / (v + eps))))
+    return TargetAttention(a, v, r_a, tuple(layers) if layers else tuple(range(L)), eps)
 
 
 def target_attention(rec, *, layers=(-1,), eps: float = SAYO_EPS, run: int = -1) -> TargetAttention:
@@ -221,7 +247,7 @@ def per_token_records(rec, *, layer: int = -1, run: int = -1, tokens: Sequence[S
             row["mass_image"] = float(image_mass(mass[b, i]))
             for name, code in MASS_COLUMNS.items():
                 row[name] = float(mass[b, i, code])
-            row["a"], row["v"], row["R_a"] = (float(t[0, b, i]) for t in (ta.a, ta.v, ta.reward))
+            row["a"], row["v"], row["R_a"] = (float(t[0, b, i]) for t in (ta.a, ta.v, ta.R_a))
             if entropy is not None:
                 row["entropy"] = float(entropy[b, i])
             out.append(row)

@@ -256,6 +256,18 @@ class PatchHandle:
     def model(self) -> nn.Module:
         return self._model()
 
+    def __repr__(self) -> str:
+        model = self.model
+        st = self.state
+        target = ("boxes" if isinstance(st.target, BoxTarget) else "mask" if st.target is not None else
+                  "explicit categories" if st.explicit is not None else "none")
+        active = sorted(st.active_layers)
+        from .metrics import _ranges
+
+        return (f"PatchHandle({type(model).__name__ if model is not None else 'model gone'}, {st.adapter.name}, "
+                f"{st.num_layers} layers, backend={st.backend}, {st.intervention!r} active on layers "
+                f"{_ranges(active)}, target={target}{', REMOVED' if self.removed else ''})")
+
     @property
     def intervention(self) -> Intervention:
         return self.state.intervention
@@ -388,6 +400,10 @@ def _check_boxes(boxes, images, convention: str) -> None:
 
 def _pre_hook(state: PatchState):
     def hook(module, args, kwargs):
+        if kwargs.get("output_attentions") or getattr(state.config, "output_attentions", False):
+            raise ValueError("a model patched by attn-mod returns no attention matrices (output_attentions=True "
+                             "would give empty tuples); use attn_mod.capture(model) for per-category attention "
+                             "masses, or attn_mod.attention_rows.record_rows(model) for per-key rows")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0

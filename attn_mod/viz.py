@@ -93,9 +93,10 @@ def _draw_heatmap(ax, grid, image, span, *, patch_size, on, norm, cmap, alpha, b
     im = ax.imshow(grid.numpy(), extent=extent, cmap=cmap, norm=norm, alpha=alpha, interpolation="nearest")
     rows, cols = grid.shape
     if target_cells is not None:  # token cells labelled TARGET: dashed outline
-        for r, c in zip(*np.nonzero(target_cells)):
-            ax.add_patch(Rectangle((c * w / cols, r * h / rows), w / cols, h / rows, fill=False, ec="white",
-                                   lw=0.8, ls=(0, (2, 2))))
+        for r, c in zip(*np.nonzero(target_cells)):  # black under white dashes: visible on any background
+            cell = (c * w / cols, r * h / rows)
+            ax.add_patch(Rectangle(cell, w / cols, h / rows, fill=False, ec="black", lw=2.6))
+            ax.add_patch(Rectangle(cell, w / cols, h / rows, fill=False, ec="white", lw=1.6, ls=(0, (3, 2))))
     for box in boxes or ():
         x0, y0, x1, y1 = box_to_pixels(box, image, box_convention)
         ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, ec="cyan", lw=2))
@@ -145,7 +146,7 @@ def image_heatmap_grid(attentions: Mapping[str, torch.Tensor], span: VisualSpan,
     """Several `image_heatmap` panels (e.g. one per layer) with one shared colour scale.
 
     attentions: {panel label: (K,) per-slot attention}; ncols = ceil(sqrt(n)) by default. Size in inches
-    at `dpi`: width ncols * panel + 1; height 0.6 + 0.16 * title lines (wrapped at 12 characters per
+    at `dpi`: width ncols * panel + 1.3; height 0.6 + 0.16 * title lines (wrapped at 12 characters per
     inch) + nrows * (0.92 * panel * a + 0.4), a = image height / width clipped to [0.4, 1.6].
     """
     if not attentions:
@@ -158,7 +159,7 @@ def image_heatmap_grid(attentions: Mapping[str, torch.Tensor], span: VisualSpan,
     img_w = 0.92 * panel
     img_h = img_w * min(max(h / w, 0.4), 1.6)
     cell_h = img_h + 0.4  # room for the panel title
-    W = ncols * panel + 1.0
+    W = ncols * panel + 1.3
     title = textwrap.fill(title, int(W * 12))
     top_in = 0.45 + 0.16 * (title.count("\n") + 1 if title else 0)
     H = top_in + nrows * cell_h + 0.15
@@ -174,8 +175,10 @@ def image_heatmap_grid(attentions: Mapping[str, torch.Tensor], span: VisualSpan,
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"{label} (image {float(grid.sum()):.2f})", fontsize=8)
-    cax = fig.add_axes(((W - 0.8) / W, 0.25 / H, 0.18 / W, (H - top_in - 0.35) / H))
-    fig.colorbar(im, cax=cax).set_label(HEATMAP_VALUE, fontsize=8)
+    cax = fig.add_axes(((W - 1.15) / W, 0.25 / H, 0.16 / W, (H - top_in - 0.35) / H))
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(textwrap.fill(HEATMAP_VALUE, 28), fontsize=7)
+    cb.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / H, va="top")
     return _save(fig, path)
 
@@ -344,11 +347,14 @@ def layer_curves(masses: torch.Tensor, query_cats: torch.Tensor, *, path, rows="
     prof = layer_profile(masses, query_cats, rows=rows, form=form, layers=layers)
     x = prof["layers"]
     fig = _new_figure(*size, dpi)
-    ax1 = fig.add_axes((0.07, 0.14, 0.36, 0.72))
+    ax1 = fig.add_axes((0.085, 0.14, 0.345, 0.72))
     ax2 = fig.add_axes((0.52, 0.14, 0.30, 0.72))
     ax1.plot(x, prof["vas"], marker="o", color="tab:purple")
     vas = np.asarray(prof["vas"], dtype=float)
     finite = vas[np.isfinite(vas)]
+    if not finite.size:
+        ax1.text(0.5, 0.5, "VAS undefined:\nno attention on system tokens\n(no system prompt)", ha="center",
+                 va="center", transform=ax1.transAxes, fontsize=10, color="#444444")
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 50:
         ax1.set_yscale("log")
     ax1.set_xlabel("layer")
@@ -435,9 +441,13 @@ def entropy_bins(entropy, values: Mapping[str, torch.Tensor] | torch.Tensor, *, 
     ax.set_xlabel("token entropy (nats), quantile bins from low to high")
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=9, frameon=False)
-    ax.set_title(title or "attention vs token entropy", fontsize=11)
+    top = max((float(np.nanmax(entropy_bin_means(entropy, v, bins)[1].numpy())) for v in series.values()),
+              default=0.0)
+    if np.isfinite(top) and top > 0:
+        ax.set_ylim(0, top * 1.15)  # room for the n= labels
+    if len(series) > 1:  # above the axes, never over the bars
+        ax.legend(fontsize=9, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series))
+    ax.set_title(title or "attention vs token entropy", fontsize=11, pad=22 if len(series) > 1 else 6)
     return _save(fig, path)
 
 

@@ -42,9 +42,14 @@ def test_item6_vas_api_equals_inspect_and_every_report_names_the_rows(assets, ca
                      "--max-new-tokens", "5", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     rec = api_recording(model_dir, image, q, 5)
-    api = metrics.vas(rec)
-    assert api.rows == "answer" and m["vas"]["rows"] == "answer" and m["mass_shares"]["rows"] == "answer"
+    api = metrics.vas(rec)  # default rows="response" (the spec's), the same in inspect
+    assert api.rows == "response" and m["vas"]["rows"] == "response" and m["mass_shares"]["rows"] == "response"
     assert m["vas"]["value"] == pytest.approx(api.mean(), rel=1e-5)
+    ans = metrics.vas(rec, rows="answer")  # the named option, API and CLI alike
+    assert cli_main(["inspect", str(model_dir), "--image", str(root / "scene.png"), "--question", q,
+                     "--max-new-tokens", "5", "--vas-rows", "answer", "--out", str(out / "a")]) == 0
+    m_ans = json.loads((out / "a" / "metrics.json").read_text())
+    assert m_ans["vas"]["rows"] == "answer" and m_ans["vas"]["value"] == pytest.approx(ans.mean(), rel=1e-5)
     # the answer rows are exactly the rows that produced the generated tokens (what tokens.jsonl lists)
     sel = metrics.select_rows(rec.query_categories(), "answer")[0].nonzero().flatten().tolist()
     K = rec.categories.shape[1]
@@ -56,10 +61,10 @@ def test_item6_vas_api_equals_inspect_and_every_report_names_the_rows(assets, ca
     from attn_mod.categories import IMAGE, SYSTEM, TARGET
 
     ratio = (masses[..., IMAGE] + masses[..., TARGET]) / (masses[..., SYSTEM] + 1e-6)
-    assert api.mean() == pytest.approx(float(ratio[:, 0, :, sel].mean()), rel=1e-5)
-    # a different named row set is a different number, and says so
-    resp = metrics.vas(rec, rows="response")
-    assert "rows=response" in resp.describe() and "rows=answer" in api.describe()
+    assert ans.mean() == pytest.approx(float(ratio[:, 0, :, sel].mean()), rel=1e-5)
+    resp_rows = (rec.query_categories()[0] == attn_mod.TokenCategory.RESPONSE).nonzero().flatten().tolist()
+    assert api.mean() == pytest.approx(float(ratio[:, 0, :, resp_rows].mean()), rel=1e-5)
+    assert "rows=response" in api.describe() and "rows=answer" in ans.describe()
     assert "answer tokens" in metrics.ROW_SET_MEANING["answer"]
 
 
@@ -238,3 +243,63 @@ def test_item10_validation_at_the_call(assets, tmp_path, capsys):
                      "1", "--max-new-tokens", "1", "--out", str(tmp_path / "e"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "s.tsv row 1 (index '1'): bbox [5.0, 5.0, 900.0, 40.0]" in err and "right edge" in err
+
+
+def test_item11_api_messages_reprs_and_names(assets):
+    from attn_mod import Intervention
+
+    root, model_dir, image = assets
+    model, proc = load_model(model_dir)
+    handle = attn_mod.patch(model, proc, intervention=Intervention.avar(0.2, 0.5))
+    inputs = encode_batch(proc, [Request("What is red?", [image])], model.device)
+    with torch.no_grad(), attn_mod.capture(model, layers=[0]) as rec:
+        model(**inputs)
+    with pytest.raises(KeyError, match="layer -1 is model layer 1 .*not from the captured ones.*captured layers: \\[0\\]"):
+        rec.mass(-1)
+    assert rec.mass(0).shape[0] == 1
+    with pytest.raises(ValueError, match="attn_mod.capture"):
+        model(**inputs, output_attentions=True)
+    r = repr(handle)
+    assert "backend=auto" in r and "avar(alpha=0.2, beta=0.5" in r and "layers 0-1" in r.replace("0,1", "0-1")
+    assert repr(rec).startswith("Recording(layers=0 of 2, runs=1, B=1")
+    iv = repr(Intervention.avar(0.2, 0.5))
+    assert "w={image: 1.2, system: 0.5}" in iv
+    assert "target: 3" in repr(Intervention(w={"image": 2, "target": 3}, layers=range(0, 2)))
+    handle.set_target(boxes=[[(60, 20, 110, 70)]], images=[image])
+    with torch.no_grad(), attn_mod.capture(model) as rec2:
+        model(**inputs)
+    ta = metrics.target_attention(rec2)
+    assert "R_a=" in repr(ta) and "R_a = 0.5*(1+tanh" in ta.describe()
+    assert ta.mean("a") == pytest.approx(float(ta.a[~torch.isnan(ta.a)].double().mean()), rel=1e-5)
+    assert ta.reward is ta.R_a  # deprecated alias
+    row = metrics.per_token_records(rec2, rows="answer")[0]
+    assert "R_a" in row and "reward" not in row
+    assert "mean=" in repr(metrics.vas(rec2))
+    handle.remove()
+    # attn_mod.metrics exports only its own names
+    for name in metrics.__all__:
+        obj = getattr(metrics, name)
+        assert getattr(obj, "__module__", "attn_mod.metrics") == "attn_mod.metrics", name
+
+
+def test_item2_demo_takes_resume_and_system(tmp_path, monkeypatch):
+    """`attn-mod demo --no-resume --system ...` reaches the sweep (the sweep itself is tested in test_sweep)."""
+    from attn_mod.eval import sweep as sweep_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(cfg, **kw):
+        seen.update(kw, system=cfg.system)
+        raise Stop
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", fake)
+    with pytest.raises(Stop):
+        cli_main(["demo", "--out", str(tmp_path), "--samples", "1", "--no-resume", "--system", "Be brief.",
+                  "--no-progress"])
+    assert seen["resume"] is False and seen["system"] == "Be brief."
+    with pytest.raises(Stop):
+        cli_main(["demo", "--out", str(tmp_path), "--samples", "1", "--no-progress"])
+    assert seen["resume"] is True and seen["system"] is None

@@ -14,8 +14,8 @@ from attn_mod.tiny import save_tiny
 
 FILES = ("answer.txt", "metrics.json", "tokens.jsonl", "heatmap.png", "heatmap_layers.png", "tokens.png",
          "tokens.html", "layers.png", "entropy.png")
-# heatmap_layers: 2 panels of 2.6 in + colour bar; 1-line title + one row of panels of the 240x150 image
-PNG_SIZES = {"heatmap.png": (700, 600), "heatmap_layers.png": (620, int(100 * (0.61 + 0.92 * 2.6 * 150 / 240 + 0.55))),
+# heatmap_layers: 2 panels of 2.6 in + 1.3 in colour bar; 1-line title + one row of panels of the 240x150 image
+PNG_SIZES = {"heatmap.png": (700, 600), "heatmap_layers.png": (650, int(100 * (0.61 + 0.92 * 2.6 * 150 / 240 + 0.55))),
              "layers.png": (1100, 420), "entropy.png": (800, 450)}
 
 

@@ -319,3 +319,31 @@ def test_cli_is_fast_and_heatmaps_are_drawn_once(workspace, tmp_path, monkeypatc
     res = run_sweep(cfg, progress=False, limit=2)
     assert len(calls) == 1 and res.paths["heatmap_synth"].exists()
     assert run_sweep(cfg, progress=False, limit=2).new_records == 0 and len(calls) == 2
+
+
+def test_heatmap_pictures_scale_baseline_and_single_cell(tmp_path, monkeypatch):
+    """Issue 8 item 13: fixed 0-100 accuracy scale, change from the baseline, bars instead of a 1x1 heatmap."""
+    from matplotlib.axes import Axes
+
+    from attn_mod.eval import summary as summary_mod
+
+    seen = []
+    real = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, *a, **k: seen.append(k) or real(self, *a, **k))
+    texts = []
+    real_text = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: texts.append(s) or real_text(self, x, y, s, *a, **k))
+    cells = [Cell.make("identity", {}, name="baseline")] + [Cell.make("avar", {"alpha": a, "beta": b})
+                                                            for a in (0.0, 0.5) for b in (0.0, 0.5)]
+    recs = [{"cell": c.id, "dataset": "d", "sample_id": str(i), "correct": i == 0, "answer_type": "choice",
+             "category": None, "extracted": "A", "method": "x"} for c in cells for i in range(4)]
+    s = summary_mod.summarize(recs, cells, ["d"])
+    paths = summary_mod.heatmaps(s, tmp_path)
+    assert seen and all(k["vmin"] == 0.0 and k["vmax"] == 100.0 for k in seen)  # constant 25 %: still 0-100
+    assert any("(+0.0)" in t for t in texts)
+    one = [cells[0], cells[1]]
+    s1 = summary_mod.summarize([r for r in recs if r["cell"] in (one[0].id, one[1].id)], one, ["d"])
+    seen.clear()
+    (tmp_path / "one").mkdir()
+    (p,) = summary_mod.heatmaps(s1, tmp_path / "one")
+    assert not seen and Image.open(p).size[0] < Image.open(paths[0]).size[0] * 1.5  # a bar chart, no imshow

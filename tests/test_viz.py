@@ -192,7 +192,7 @@ def test_image_heatmaps_on_a_capture(run, tmp_path):
     assert _png(p1).shape == (600, 700, 3)
     assert _png(p2).shape == (320, 400, 3)
     # 2 panels of 2.6 in side by side + colour bar; height: 1-line title + one row of 200x130 panels
-    assert _png(p3).shape == (int(100 * (0.61 + 0.92 * 2.6 * 130 / 200 + 0.4 + 0.15)), 620, 3)
+    assert _png(p3).shape == (int(100 * (0.61 + 0.92 * 2.6 * 130 / 200 + 0.4 + 0.15)), 650, 3)
     with pytest.raises(ValueError, match="on must be"):
         viz.image_heatmap(att, span, image, path=tmp_path / "d.png", on="warped", **kw)
 

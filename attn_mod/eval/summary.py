@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,7 +16,7 @@ from .benchmark_metrics import compute as compute_benchmark
 from .scoring import aggregate
 from .sweep_config import Cell
 
-METRIC_COLUMNS = ("vas", "target_a", "target_reward")
+METRIC_COLUMNS = ("vas", "target_a", "target_R_a")
 
 
 def _mean(values):
@@ -38,6 +39,8 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
     metrics = {ds: (metrics or {}).get(ds) or metric_for(ds) for ds in datasets}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
+        if "target_reward" in r and "target_R_a" not in r:  # rows written before R_a had one name
+            r = {**r, "target_R_a": r["target_reward"]}
         if wanted is not None and r["sample_id"] not in wanted.get(r["dataset"], ()):
             continue
         groups[(r["cell"], r["dataset"])].append(r)
@@ -152,27 +155,36 @@ def _benchmark_tables(summary: dict, by: dict) -> list[str]:
 
 
 def heatmaps(summary: dict, out_dir: Path) -> list[Path]:
-    """One PNG per dataset: accuracy (and mean VAS when recorded) over alpha (x) x beta (y) for the cells that
-    have both parameters; one column of panels per value of the other grid axes (renorm, layers)."""
+    """One PNG per dataset: accuracy on a fixed 0-100 % scale (and mean VAS when recorded) over alpha (x) x
+    beta (y), each cell annotated with its change from the baseline; one column of panels per value of the
+    other grid axes (renorm, layers). With fewer than two alpha x beta cells (e.g. a one-cell eval) the
+    picture is a bar chart of every cell beside the baseline instead of a 1x1 heatmap."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     paths = []
     for ds in summary["datasets"]:
+        base = next((r for r in summary["rows"] if r["dataset"] == ds and r["cell"] == summary["baseline"]), None)
+        base_acc = None if base is None or base["accuracy"] is None else 100 * base["accuracy"]
         rows = [r for r in summary["rows"] if r["dataset"] == ds and "alpha" in r and "beta" in r]
-        if not rows:
+        if len({(r["alpha"], r["beta"]) for r in rows}) < 2:
+            path = _bars(summary, ds, base_acc, out_dir, Figure, FigureCanvasAgg)
+            if path is not None:
+                paths.append(path)
             continue
-        metrics = [("accuracy", "accuracy %", 100.0, "{:.1f}", "viridis")]
+        metrics = [("accuracy", "accuracy %", 100.0, "{:.1f}", "viridis", (0.0, 100.0))]
         if any(r.get("vas") is not None for r in rows):
-            metrics.append(("vas", "mean VAS (ratio form)", 1.0, "{:.2f}", "magma"))
+            metrics.append(("vas", "mean VAS (ratio form)", 1.0, "{:.2f}", "magma", None))
         other = sorted({k for r in rows for k in r if k in ("renorm", "layers")})
         panels = defaultdict(list)
         for r in rows:
             panels[tuple(str(r.get(k)) for k in other)].append(r)
-        fig = Figure(figsize=(4.4 * len(panels) + 1, 3.6 * len(metrics)))
+        fig = Figure(figsize=(4.6 * len(panels) + 1.2, 3.8 * len(metrics) + 0.4))
         FigureCanvasAgg(fig)
         axes = fig.subplots(len(metrics), len(panels), squeeze=False)
-        for mi, (key, label, factor, fmt, cmap) in enumerate(metrics):
+        base_vas = None if base is None else base.get("vas")
+        for mi, (key, label, factor, fmt, cmap, limits) in enumerate(metrics):
+            ref = base_acc if key == "accuracy" else (None if base_vas is None else factor * base_vas)
             for ax, (pkey, prs) in zip(axes[mi], sorted(panels.items())):
                 alphas = sorted({r["alpha"] for r in prs})
                 betas = sorted({r["beta"] for r in prs})
@@ -180,7 +192,8 @@ def heatmaps(summary: dict, out_dir: Path) -> list[Path]:
                 for r in prs:
                     val = r.get(key)
                     grid[betas.index(r["beta"])][alphas.index(r["alpha"])] = math.nan if val is None else factor * val
-                im = ax.imshow(grid, origin="lower", cmap=cmap, aspect="auto")
+                lo, hi = limits or (None, None)
+                im = ax.imshow(grid, origin="lower", cmap=cmap, aspect="auto", vmin=lo, vmax=hi)
                 ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
                 ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
                 ax.set_xlabel("alpha (image boost)")
@@ -188,17 +201,51 @@ def heatmaps(summary: dict, out_dir: Path) -> list[Path]:
                 for yi, grow in enumerate(grid):
                     for xi, val in enumerate(grow):
                         if not math.isnan(val):
-                            ax.text(xi, yi, fmt.format(val), ha="center", va="center", color="w", fontsize=9,
+                            text = fmt.format(val) + ("" if ref is None else f"\n({val - ref:+{fmt[2:-1]}})")
+                            ax.text(xi, yi, text, ha="center", va="center", color="w", fontsize=9,
                                     bbox=dict(facecolor="black", alpha=0.35, lw=0, pad=1.5))
-                ax.set_title(", ".join(f"{k}={v}" for k, v in zip(other, pkey)) or label, fontsize=9)
+                title = ", ".join(f"{k}={v}" for k, v in zip(other, pkey)) or label
+                if ref is not None:
+                    title += f"\n(change from baseline {fmt.format(ref)} in brackets)"
+                ax.set_title(title, fontsize=9)
                 fig.colorbar(im, ax=ax, label=label)
-        base = next((r for r in summary["rows"] if r["dataset"] == ds and r["cell"] == summary["baseline"]), None)
-        fig.suptitle(f"{ds}: over alpha x beta" + (f" (baseline accuracy {_pct(base['accuracy'])}%)" if base else ""))
+        fig.suptitle(f"{ds}: over alpha x beta" + (f" (baseline accuracy {base_acc:.1f}%)" if base_acc is not None
+                                                    else ""))
         fig.tight_layout()
         path = out_dir / f"heatmap_{_safe(ds)}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
     return paths
+
+
+def _bars(summary: dict, ds: str, base_acc, out_dir: Path, Figure, FigureCanvasAgg) -> Path | None:
+    """Accuracy of every cell of `ds` as bars (0-100 %), the baseline first and dashed across, with the change."""
+    rows = [r for r in summary["rows"] if r["dataset"] == ds and r["accuracy"] is not None]
+    if len(rows) < 2 and base_acc is not None:
+        return None  # only the baseline: nothing to compare
+    if not rows:
+        return None
+    fig = Figure(figsize=(max(4.5, 1.3 * len(rows) + 2), 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.12, 0.2, 0.84, 0.66))
+    labels = [("baseline" if r["cell"] == summary["baseline"] else r["cell"]) for r in rows]
+    vals = [100 * r["accuracy"] for r in rows]
+    colors = ["#999999" if r["cell"] == summary["baseline"] else "#3b75af" for r in rows]
+    bars = ax.bar(range(len(rows)), vals, color=colors)
+    for bar, v, r in zip(bars, vals, rows):
+        delta = "" if base_acc is None or r["cell"] == summary["baseline"] else f" ({v - base_acc:+.1f})"
+        ax.annotate(f"{v:.1f}{delta}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                    fontsize=9, xytext=(0, 2), textcoords="offset points")
+    if base_acc is not None:
+        ax.axhline(base_acc, color="#555555", ls="--", lw=1)
+    ax.set_ylim(0, 105)
+    ax.set_xticks(range(len(rows)), [textwrap.fill(lbl, 18) for lbl in labels], fontsize=8)
+    ax.set_ylabel("accuracy %")
+    ax.set_title(f"{ds}: accuracy per cell (n={summary.get('n_expected', {}).get(ds, '?')}"
+                 + (f", baseline {base_acc:.1f}%, change in brackets)" if base_acc is not None else ")"), fontsize=9)
+    path = out_dir / f"heatmap_{_safe(ds)}.png"
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def _safe(name: str) -> str:

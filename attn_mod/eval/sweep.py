@@ -115,7 +115,7 @@ def _prompt_of(sample, d: DatasetConfig) -> str:
 
 def _attention_metrics(rec, samples, rows: str) -> list[dict]:
     """Per-sample VAS (`rows`, all layers, ratio form) and, when a bbox is set, the mean over the same rows of
-    SAYO target attention a / R_a (last layer)."""
+    SAYO target attention a / R_a (last layer): "target_a", "target_R_a"."""
     v = vas(rec, rows=rows)
     ta = target_attention(rec)
     chosen = select_rows(rec.query_categories(), rows)
@@ -125,7 +125,7 @@ def _attention_metrics(rec, samples, rows: str) -> list[dict]:
         if s.bbox:
             sel = chosen[b] & ~torch.isnan(ta.a[0, b])
             row["target_a"] = _num(ta.a[0, b][sel].mean()) if sel.any() else None
-            row["target_reward"] = _num(ta.reward[0, b][sel].mean()) if sel.any() else None
+            row["target_R_a"] = _num(ta.R_a[0, b][sel].mean()) if sel.any() else None
         out.append(row)
     return out
 

@@ -52,8 +52,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flex"])
     p.add_argument("--attention-metrics", action="store_true", help="record VAS / target attention per sample")
-    p.add_argument("--vas-rows", default="answer", choices=["answer", "response", "after_image", "all"],
-                   help="query rows of VAS (default answer: the rows that produce the answer tokens)")
+    p.add_argument("--vas-rows", default="response", choices=["response", "answer", "after_image", "all"],
+                   help="query rows of VAS (default response: the generated-token rows; answer: also the last "
+                        "prompt row, see attn_mod.metrics.select_rows)")
     p.add_argument("--no-progress", action="store_true")
 
 

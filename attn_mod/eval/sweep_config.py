@@ -127,7 +127,7 @@ class SweepConfig:
     include_baseline: bool = True
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     attention_metrics: bool = False
-    vas_rows: Literal["answer", "response", "after_image", "all"] = "answer"  # see attn_mod.metrics.select_rows
+    vas_rows: Literal["response", "answer", "after_image", "all"] = "response"  # see attn_mod.metrics.select_rows
     system: str | None = None  # system prompt for every dataset without its own `system:`
     output_dir: str = "runs/sweep"
 

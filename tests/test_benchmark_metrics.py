@@ -319,3 +319,13 @@ def test_sweep_records_carry_benchmark_fields(tmp_path):
     assert got["circular_accuracy"] == pytest.approx(want) and got["n_groups"] == 3
     assert res.summary["metrics"] == {"MMBench_DEV_EN": "mmbench"}
     assert "MMBench_DEV_EN (mmbench" in res.paths["markdown"].read_text()
+
+
+def test_eval_metric_flag_is_validated_before_anything_is_written(tmp_path, capsys):
+    from attn_mod.cli import main as cli_main
+
+    path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", MMB_COLS, mmbench_rows())
+    out = tmp_path / "ev"
+    assert cli_main(["eval", "--model", "tiny:qwen2_5_vl", "--data", str(path), "--metric", "circular",
+                     "--out", str(out), "--no-progress"]) == 2
+    assert "metric 'circular' is unknown" in capsys.readouterr().err and not out.exists()

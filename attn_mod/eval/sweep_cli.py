@@ -55,6 +55,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vas-rows", default="response", choices=["response", "answer", "after_image", "all"],
                    help="query rows of VAS (default response: the generated-token rows; answer: also the last "
                         "prompt row, see attn_mod.metrics.select_rows)")
+    p.add_argument("--metric", default=None,
+                   help="benchmark score for every --data (mmbench, hallusionbench, mme, pope, mathvista, accuracy); "
+                        "default: chosen by the file name")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -114,7 +117,7 @@ def cmd_eval(args) -> int:
                          f"{', '.join('--' + k for k in allowed if k != 'renorm') or 'no parameters'})")
     cells = [] if args.preset == "identity" else [CellConfig(preset=args.preset, params=params)]
     cfg = SweepConfig(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                      datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
+                      datasets=[DatasetConfig(path=p, metric=args.metric) for p in args.data], cells=cells,
                       include_baseline=args.baseline or args.preset == "identity",
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
                       attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, system=args.system,

@@ -134,6 +134,8 @@ class SweepConfig:
     def validate(self):
         if not self.datasets:
             raise ValueError("datasets: list at least one benchmark (e.g. - {path: data/bench.tsv})")
+        for d in self.datasets:  # also when built in code (attn-mod eval), not only from YAML
+            d.validate()
         names = [d.name or d.path for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets have duplicate names {names}; give each a distinct name")

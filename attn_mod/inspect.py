@@ -195,22 +195,29 @@ def _token_records(rec, gen, tokenizer, S: int):
 
 
 def run(args) -> int:
+    from .loading import check_backend, check_device, check_model_path
+    from .regions import box_to_pixels
+
+    # Validate everything (cheap: no transformers, nothing written) before loading or importing the rest.
+    t_start = time.perf_counter()
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_model_path(args.model)
+    check_device(args.device)
+    check_backend(args.backend, args.device)
+    image = load_image(args.image)
+    boxes = [list(b) for b in (args.box or [])]
+    boxes_px = [box_to_pixels(b, image, args.box_convention) for b in boxes]  # ValueError if outside / inverted
+    intervention = build_intervention(args)
+    out = Path(args.out)
+
     from . import viz
     from .categories import SYSTEM, TARGET
     from .kernels.function import resolve_backend
     from .loading import load_model
     from .metrics import vas_from_masses, write_jsonl
     from .patch import patch
-    from .regions import box_to_pixels, locate_visual_tokens
-
-    t_start = time.perf_counter()
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    image = load_image(args.image)
-    boxes = [list(b) for b in (args.box or [])]
-    boxes_px = [box_to_pixels(b, image, args.box_convention) for b in boxes]  # ValueError if outside / inverted
-    intervention = build_intervention(args)
-    out = Path(args.out)
+    from .regions import locate_visual_tokens
 
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     t_loaded = time.perf_counter()

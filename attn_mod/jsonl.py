@@ -15,7 +15,9 @@ The rule, applied by `read_jsonl` (with `repair=True`, the default):
 * Blank lines are ignored (and dropped when the file is rewritten).
 
 With `repair=False` the file is never modified: bad lines are skipped with the same warning.
-Writers append whole lines in one `write` so that only the last line can ever be torn.
+Writers append whole lines in one `write` so that only the last line can ever be torn. Appends and repairs
+hold an exclusive advisory lock (``.<name>.lock`` beside the file, POSIX `flock`), so several processes may
+append to one file (e.g. distributed sweep workers) and a reader never cuts a line another process is writing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -32,6 +35,27 @@ __all__ = ["BadLine", "JsonlScan", "append_jsonl", "as_row", "quarantine_path", 
            "write_jsonl_atomic"]
 
 QUARANTINE_SUFFIX = ".quarantine.jsonl"
+
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: single-process use only
+    fcntl = None
+
+
+@contextmanager
+def _locked(path: Path):
+    """Exclusive advisory lock for appending to / repairing `path` (no-op where flock is unavailable)."""
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def quarantine_path(path: str | Path) -> Path:
@@ -141,7 +165,14 @@ def read_jsonl(path: str | Path, *, required: Sequence[str] = (), check: Callabl
     `repair`, a torn last line is truncated and other bad lines are quarantined (module docstring).
     """
     path = Path(path)
-    scan = scan_jsonl(path, required=required, check=check)
+    if not repair or not path.exists():
+        return _report(path, scan_jsonl(path, required=required, check=check), repair=False)
+    with _locked(path):
+        return _report(path, scan_jsonl(path, required=required, check=check), repair=True)
+
+
+def _report(path: Path, scan: JsonlScan, *, repair: bool) -> list[dict]:
+    """Warn about (and with `repair`, fix) what `scan` found; returns the valid rows."""
     if scan.bad:
         side = quarantine_path(path)
         shown = "; ".join(f"line {b.line}: {b.reason}" for b in scan.bad[:5])
@@ -153,12 +184,12 @@ def read_jsonl(path: str | Path, *, required: Sequence[str] = (), check: Callabl
                 f.flush()
                 os.fsync(f.fileno())
             warnings.warn(f"{path}: quarantined {len(scan.bad)} bad line(s) to {side} — {shown}{more}; "
-                          f"all {len(scan.rows)} valid rows kept", stacklevel=2)
+                          f"all {len(scan.rows)} valid rows kept", stacklevel=3)
         else:
-            warnings.warn(f"{path}: skipping {len(scan.bad)} bad line(s) — {shown}{more}", stacklevel=2)
+            warnings.warn(f"{path}: skipping {len(scan.bad)} bad line(s) — {shown}{more}", stacklevel=3)
     if scan.torn is not None:
         warnings.warn(f"{path}: {'dropping' if repair else 'ignoring'} a torn last line of {len(scan.torn)} bytes "
-                      f"(an interrupted write): {scan.torn[:80]!r}", stacklevel=2)
+                      f"(an interrupted write): {scan.torn[:80]!r}", stacklevel=3)
     if repair and (scan.bad or scan.torn is not None or scan.unterminated_ok):
         if scan.bad:
             _rewrite(path, scan.keep)
@@ -185,7 +216,7 @@ def append_jsonl(path: str | Path, records: Iterable[dict], *, sort_keys: bool =
     if not lines:
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
+    with _locked(path), path.open("a", encoding="utf-8") as f:  # opened per call: sees a repaired file
         f.write("".join(lines))
         f.flush()
         os.fsync(f.fileno())

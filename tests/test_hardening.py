@@ -303,3 +303,16 @@ def test_item2_demo_takes_resume_and_system(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         cli_main(["demo", "--out", str(tmp_path), "--samples", "1", "--no-progress"])
     assert seen["resume"] is True and seen["system"] is None
+
+
+def test_item3_inspect_checks_device_and_backend_before_loading(assets, tmp_path, capsys, monkeypatch):
+    root, model_dir, _ = assets
+    base = ["inspect", str(model_dir), "--image", str(root / "scene.png"), "--question", "Q", "--out",
+            str(tmp_path / "o")]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli_main([*base, "--backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+    if not torch.cuda.is_available():
+        assert cli_main([*base, "--device", "cuda"]) == 2
+        assert "use --device cpu" in capsys.readouterr().err

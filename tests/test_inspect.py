@@ -86,10 +86,12 @@ def test_inspect_end_to_end_with_box_and_avar(assets, capsys):
         assert all(math.isfinite(r[name]) for r in recs)
         assert ta[f"{name}_mean"] == pytest.approx(_mean([r[name] for r in recs]), rel=1e-6)
     shares = m["mass_shares"]
+    assert shares["rows"] == "response"  # the VAS row set (--vas-rows); tokens.jsonl lists the answer rows
+    resp = [r for r in recs if r["category"] == "response"]
     for share, column in (("image", "mass_image"), ("target", "mass_target"), ("system", "mass_system"),
                           ("image_outside_target", "mass_image_outside_target"),
                           ("text", "mass_text"), ("response", "mass_response")):
-        assert shares[share] == pytest.approx(_mean([r[column] for r in recs]), abs=1e-6)
+        assert shares[share] == pytest.approx(_mean([r[column] for r in resp]), abs=1e-6)
         assert m["mass_shares_per_layer"][share][-1] == pytest.approx(shares[share], abs=1e-9)
     assert sum(shares[c] for c in ("image", "system", "text", "response")) == pytest.approx(1, abs=1e-5)
     assert m["entropy_mean"] == pytest.approx(_mean([r["entropy"] for r in recs]), rel=1e-6)

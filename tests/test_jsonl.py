@@ -92,3 +92,22 @@ def test_check_hook_and_missing_file(tmp_path):
     with pytest.warns(UserWarning, match="line 2: negative"):
         got = read_jsonl(path, check=lambda r: "negative" if r["a"] < 0 else None)
     assert got == [{"a": 1}, {"a": 2}]
+
+
+def test_concurrent_appends_from_processes_lose_nothing(tmp_path):
+    """Several processes appending to one file (distributed workers) while another reads/repairs it."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared.jsonl"
+    script = ("import sys\nfrom attn_mod.jsonl import append_jsonl, read_jsonl\n"
+              "w = int(sys.argv[2])\n"
+              "for i in range(40):\n"
+              "    append_jsonl(sys.argv[1], [{'w': w, 'i': i, 'pad': 'x' * (i * 37 % 3000)}])\n"
+              "    if i % 10 == 0:\n        read_jsonl(sys.argv[1], required=('w', 'i'))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(w)]) for w in range(3)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing torn, nothing quarantined
+        got = read_jsonl(path, required=("w", "i"))
+    assert sorted((r["w"], r["i"]) for r in got) == [(w, i) for w in range(3) for i in range(40)]

@@ -306,7 +306,7 @@ def test_cli_is_fast_and_heatmaps_are_drawn_once(workspace, tmp_path, monkeypatc
     assert heavy("--help") == "HEAVY [] 0"
     assert heavy("eval", "--help") == "HEAVY [] 0"
     assert heavy("sweep", "--help") == "HEAVY [] 0"
-    assert "'transformers'" not in heavy("sweep", str(tmp_path / "missing.yaml"))
+    assert heavy("sweep", str(tmp_path / "missing.yaml")) == "HEAVY [] 2"
     assert "'transformers'" not in heavy("eval", "--model", str(tmp_path / "nope"), "--data", "x.tsv")
 
     from attn_mod.eval import summary as summary_mod

@@ -239,7 +239,7 @@ def _bars(summary: dict, ds: str, base_acc, out_dir: Path, Figure, FigureCanvasA
     if base_acc is not None:
         ax.axhline(base_acc, color="#555555", ls="--", lw=1)
     ax.set_ylim(0, 105)
-    ax.set_xticks(range(len(rows)), [textwrap.fill(lbl, 18) for lbl in labels], fontsize=8)
+    ax.set_xticks(range(len(rows)), [textwrap.fill(lbl.replace(",", ", "), 20) for lbl in labels], fontsize=8)
     ax.set_ylabel("accuracy %")
     ax.set_title(f"{ds}: accuracy per cell (n={summary.get('n_expected', {}).get(ds, '?')}"
                  + (f", baseline {base_acc:.1f}%, change in brackets)" if base_acc is not None else ")"), fontsize=9)

@@ -72,6 +72,10 @@ def _print_result(result) -> None:
 
 
 def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    if not Path(args.config).is_file():  # before torch is imported
+        raise FileNotFoundError(f"config file {args.config!r} not found")
     from .sweep_config import check_model, load_sweep_config
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}

@@ -241,6 +241,7 @@ def _strict(x):
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict], *, sort_keys: bool = False, default=None) -> None:
     """Replace `path` by `rows` (one JSON line each, as `append_jsonl` writes them): temp file, fsync, rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _rewrite(path, [(json.dumps(_strict(r), sort_keys=sort_keys, default=default, allow_nan=False) + "\n").encode()
-                    for r in rows])
+    lines = [(json.dumps(_strict(r), sort_keys=sort_keys, default=default, allow_nan=False) + "\n").encode()
+             for r in rows]
+    with _locked(path):
+        _rewrite(path, lines)

@@ -138,3 +138,10 @@ def test_kill_and_resume_with_another_process_count(setup):
 
     assert run_sweep(load_sweep_config(path, overrides={"output_dir": str(out)}), progress=False).new_records == 0
     assert rows_of(out) == rows_of(ref)
+
+
+def test_merge_leaves_no_shard_side_files(tmp_path):
+    res = tmp_path / "results.jsonl"
+    append_jsonl(shard_path(res, 1), [_row("a", 0)], sort_keys=True)
+    merge_shards(res)
+    assert sorted(p.name for p in tmp_path.iterdir() if "rank" in p.name) == []

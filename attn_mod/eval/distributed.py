@@ -111,6 +111,7 @@ def merge_shards(results_path: Path, order: Callable[[tuple], object] | None = N
         write_jsonl_atomic(results_path, rows, sort_keys=True)
     for sh in shards:
         sh.unlink(missing_ok=True)
+        sh.with_name(f".{sh.name}.lock").unlink(missing_ok=True)  # attn_mod.jsonl's append lock
     return len(rows) - before
 
 

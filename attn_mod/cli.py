@@ -14,6 +14,7 @@ COMMANDS = {
     "sweep": ("attn_mod.eval.sweep_cli", "alpha/beta (or any intervention) sweep over local benchmarks"),
     "eval": ("attn_mod.eval.sweep_cli", "evaluate one intervention on local benchmarks"),
     "train": ("attn_mod.trainers.cli", "train with attention objectives (SFT / GRPO recipes from a YAML config)"),
+    "study": ("attn_mod.eval.study", "accuracy vs attention (VAS, target attention) over sweep / eval runs"),
 }
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["BadLine", "JsonlScan", "append_jsonl", "as_row", "quarantine_path", "read_jsonl", "scan_jsonl"]
+__all__ = ["BadLine", "JsonlScan", "append_jsonl", "as_row", "quarantine_path", "read_jsonl", "scan_jsonl",
+           "write_jsonl_atomic"]
 
 QUARANTINE_SUFFIX = ".quarantine.jsonl"
 
@@ -235,3 +236,12 @@ def _strict(x):
     if isinstance(x, (list, tuple)):
         return [_strict(v) for v in x]
     return x
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict], *, sort_keys: bool = False, default=None) -> None:
+    """Replace `path` by `rows` (one JSON line each, as `append_jsonl` writes them): temp file, fsync, rename."""
+    path = Path(path)
+    lines = [(json.dumps(_strict(r), sort_keys=sort_keys, default=default, allow_nan=False) + "\n").encode()
+             for r in rows]
+    with _locked(path):
+        _rewrite(path, lines)

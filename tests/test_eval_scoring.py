@@ -402,3 +402,54 @@ def test_aggregate_counts_add_up(rows):
     out = aggregate(recs)
     assert out["overall"]["n"] == len(rows) == sum(g["n"] for g in out["by_category"].values())
     assert out["overall"]["correct"] == sum(ok for _, ok in rows)
+
+
+# ------------------------------------------------------------------------------------------- extraction gaps
+
+@pytest.mark.parametrize("output, expected", [
+    ("yeah", "yes"), ("Yeah, there is a dog on the sofa.", "yes"), ("Yep.", "yes"), ("yup", "yes"),
+    ("nope", "no"), ("Nope, nothing like that.", "no"), ("Nah.", "no"),
+    ("correct.", "yes"), ("Correct", "yes"), ("Incorrect.", "no"), ("True.", "yes"), ("False", "no"),
+    ("Not really.", "no"), ("Not at all, the image shows a cat.", "no"),
+    ("I think yeah.", "yes"), ("Hmm, nope.", "no"),
+    # ambiguous stays ambiguous; words that are not answers stay unread
+    ("No. Yes.", None), ("Yes. No.", None), ("Nope, yes.", None), ("Yeah or no", None),
+    ("Correct answer is hard to say.", None), ("I am not really sure.", None),
+    ("Yes. No other objects are visible.", "yes"),  # "No other" starts a sentence, it does not answer
+    ("The correct answer is no", "no"),
+])
+def test_extract_yesno_informal(output, expected):
+    assert extract_yesno(output).value == expected
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("The answer is 'B'", "B"), ('Answer: "C"', "C"), ("I would say “D”.", "D"), ("'A'", "A"),
+    ("(A) is wrong, (B) is right", "B"), ("A is incorrect, B is correct.", "B"),
+    ("(C) can be ruled out. (D) fits the image.", "D"), ("A isn't right; it is C.", "C"),
+    ("(A) is not the answer.", None), ("(A) is wrong and (B) is also wrong.", None),
+    ("B C", None), ("The answer is B C.", None), ("(B) (C)", None),
+    ("Option A is wrong because the square is not red. Option C is also wrong.\nTherefore, the correct answer is (B).",
+     "B"),
+])
+def test_extract_choice_quotes_and_negation(output, expected):
+    assert extract_choice(output, OPTS).value == expected
+
+
+SPATIAL = {"A": "left of the car", "B": "right of the car", "C": "on top of the car", "D": "under the car"}
+
+
+@pytest.mark.parametrize("output, options, expected", [
+    ("It is to the left.", SPATIAL, "A"), ("Left.", SPATIAL, "A"), ("On the right-hand side.", SPATIAL, "B"),
+    ("The ball sits at the top.", SPATIAL, "C"), ("underneath", SPATIAL, "D"),
+    ("Not on the left, on the right.", SPATIAL, "B"),
+    ("Both left and right.", SPATIAL, None),  # two relations, no option names both
+    ("top left", {"A": "top left", "B": "top right", "C": "bottom left"}, "A"),
+    ("In the upper left corner.", {"A": "top left", "B": "top right", "C": "bottom left"}, "A"),
+    ("On the left.", {"A": "left of the tree", "B": "on the left side"}, None),  # two options name it: ambiguous
+    ("It is to the left.", OPTS, None),  # non-spatial options are never matched spatially
+])
+def test_extract_choice_spatial_phrase(output, options, expected):
+    ext = extract_choice(output, options)
+    assert ext.value == expected
+    if expected:
+        assert ext.method in ("spatial_phrase", "option_text")

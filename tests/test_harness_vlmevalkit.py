@@ -48,7 +48,7 @@ def test_interface_without_vlmeval():
     if not vlmevalkit_adapter.HAVE_VLMEVAL:
         assert vlmevalkit_adapter.BaseModel is vlmevalkit_adapter._BaseModelStandIn
         assert "vlmeval" not in sys.modules
-    assert AttnModVLMEval.INTERLEAVE is False and AttnModVLMEval.allowed_types == ["text", "image"]
+    assert AttnModVLMEval.INTERLEAVE is True and AttnModVLMEval.allowed_types == ["text", "image"]
     for name in ("generate", "generate_inner", "use_custom_prompt", "build_prompt", "set_dump_image", "dump_image"):
         assert callable(getattr(AttnModVLMEval, name))
 

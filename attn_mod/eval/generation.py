@@ -6,23 +6,60 @@
 Prompts go through the processor's own chat template; batches are left-padded (the patch handles
 padding and the KV cache); greedy by default. Used by the sweep runner, `attn-mod inspect`-like tools
 and the harness adapters.
+
+Image placement (VLMEvalKit / MMMU convention): a question with ``<image N>`` markers (1-based) gets image N at
+each marker, the marker text replaced by the image (a marker used twice shows the image twice); images no marker
+names come first, in order. Without markers every image comes first (the released Qwen-VL order).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+IMAGE_MARKER = re.compile(r"<image\s*(\d+)>")
+
 
 @dataclass
 class Request:
-    """One prompt: a question (already formatted), its images (PIL) in order, an optional system prompt."""
+    """One prompt: a question (already formatted, may hold ``<image N>`` markers), its images (PIL) in order, an
+    optional system prompt."""
 
     question: str
     images: Sequence[Any] = field(default_factory=list)
     system: str | None = None
+
+    def layout(self) -> tuple[list[dict], list[int]]:
+        """(user-turn content items in prompt order, image order): ``order[j]`` is the index in `images` of the
+        j-th image placeholder of the prompt (the order the processor must receive the images in)."""
+        n = len(self.images)
+        marks = list(IMAGE_MARKER.finditer(self.question))
+        if not marks:
+            return [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": self.question}], list(range(n))
+        named = [int(m.group(1)) for m in marks]
+        bad = sorted({k for k in named if not 1 <= k <= n})
+        if bad:
+            raise ValueError(f"the question refers to <image {bad[0]}> but the request has {n} image(s): "
+                             f"{self.question[:80]!r}; pass every image the markers name (numbered from 1)")
+        order = [i for i in range(n) if i + 1 not in named]
+        content: list[dict] = [{"type": "image"} for _ in order]
+        pos = 0
+        for m, k in zip(marks, named):
+            if m.start() > pos:
+                content.append({"type": "text", "text": self.question[pos:m.start()]})
+            content.append({"type": "image"})
+            order.append(k - 1)
+            pos = m.end()
+        if pos < len(self.question):
+            content.append({"type": "text", "text": self.question[pos:]})
+        return content, order
+
+    def placed_images(self) -> list[Any]:
+        """The images in prompt order (repeated where a marker repeats)."""
+        return [self.images[i] for i in self.layout()[1]]
 
 
 @dataclass
@@ -33,8 +70,8 @@ class Output:
 
 
 def chat_messages(req: Request) -> list[dict]:
-    """Hugging Face chat messages: images first, then the question (the released Qwen-VL order)."""
-    content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.question}]
+    """Hugging Face chat messages: images at their ``<image N>`` markers, else first (see `Request.layout`)."""
+    content = req.layout()[0]
     messages = [{"role": "system", "content": req.system}] if req.system else []
     return messages + [{"role": "user", "content": content}]
 
@@ -47,7 +84,7 @@ def encode_batch(processor, requests: Sequence[Request], device) -> dict:
     """Left-padded processor inputs for `requests` on `device`."""
     tok = getattr(processor, "tokenizer", processor)
     texts = [render_prompt(processor, r) for r in requests]
-    images = [im for r in requests for im in r.images]
+    images = [im for r in requests for im in r.placed_images()]
     kwargs = dict(text=texts, return_tensors="pt", padding=True)
     if images:
         kwargs["images"] = images

@@ -54,7 +54,8 @@ def build_prompt(
 
     Options already spelled out in the question are not repeated unless `repeat_options`. `instructions` maps
     answer types to the last line (missing types fall back to `DEFAULT_INSTRUCTIONS`; "" drops the line).
-    Placeholders such as MMMU's ``<image 1>`` are left in the question for the runner to handle.
+    Placeholders such as MMMU's ``<image 1>`` are left in the question (and options): `generation.Request` puts
+    image N at each of them.
     """
     get = (lambda k: sample.get(k)) if isinstance(sample, Mapping) else (lambda k: getattr(sample, k, None))
     question = str(get("question") or "").strip()

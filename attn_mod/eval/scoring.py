@@ -167,6 +167,16 @@ _STRICT_FOLLOW = re.compile(
 )
 _OPTION_WORD = re.compile(r"\s*(?:(?:the\s+)?(?:options?|choices?)\s*)?", re.IGNORECASE)
 _ALT_FOLLOW = re.compile(r"\s*(?:,|/|\bor\b|\band\b|&)\s*(?:options?\s+|choices?\s+)?[(\[]?\s*([A-Za-z])(?![A-Za-z0-9])")
+# "B C", "(B) (C)": a second stand-alone capital letter right after the first, then punctuation or the end
+_SPACE_ALT = re.compile(r"[ \t]+[(\[]?([A-Z])[)\]]?(?![A-Za-z0-9])(?=\s*(?:$|[.,;:!?]))")
+# "(A) is wrong", "A isn't correct", "B can be ruled out": the letter is explicitly rejected
+_NEGATED_AFTER = re.compile(
+    r"\s*(?:(?:is|are|was|seems|looks)\s+(?:also\s+|clearly\s+|definitely\s+|obviously\s+)?"
+    r"(?:wrong|incorrect|false|impossible|not\s+(?:correct|right|true|it|the\s+(?:correct\s+|right\s+)?answer))"
+    r"|isn[’']t\b|(?:can|could|should)\s+be\s+(?:ruled\s+out|eliminated|excluded))",
+    re.IGNORECASE,
+)
+_QUOTED_LETTER = re.compile(r"(?<![A-Za-z0-9])[\"'“‘«]([A-Za-z])[\"'”’»](?![A-Za-z0-9])")
 
 
 def _letter_at(text: str, pos: int, letters: str, *, strict: bool) -> tuple[str | None, int, bool]:
@@ -185,10 +195,15 @@ def _letter_at(text: str, pos: int, letters: str, *, strict: bool) -> tuple[str 
         return None, pos, False
     bracketed = bool(m.group("open") or m.group("close"))
     after = text[m.end() :]
+    if _NEGATED_AFTER.match(after):
+        return None, pos, False  # "(A) is wrong, (B) is right": A is not the answer
     alt = _ALT_FOLLOW.match(after)
     if alt and alt.group(1).upper() in letters and alt.group(1).upper() != letter:
         if alt.group(1).isupper() or bracketed:
             return letter, m.end(), True  # "A or B", "(A)/(B)", "C, D"
+    alt = _SPACE_ALT.match(after)
+    if alt and alt.group(1) in letters and alt.group(1) != letter and (raw.isupper() or bracketed):
+        return letter, m.end(), True  # "B C"
     if not bracketed:
         if (raw.islower() or raw == "I") and _ARTICLE_FOLLOW.match(after):
             return None, pos, False  # "a dog", "I think": prose; a bare lower-case letter needs punctuation after it
@@ -242,6 +257,8 @@ def _isolated_letters(text: str, letters: str) -> list[str]:
             continue
         if re.search(r"\bnot\s+(?:(?:the\s+)?(?:option|choice)\s+)?$", text[: m.start()], re.IGNORECASE):
             continue  # "the answer is not A"
+        if _NEGATED_AFTER.match(text, m.end()):
+            continue  # "(A) is wrong"
         raw = raw.upper()
         if raw not in seen:
             seen.append(raw)
@@ -249,6 +266,41 @@ def _isolated_letters(text: str, letters: str) -> list[str]:
 
 
 _SHORT_WORDS = 40  # fallback rules read the whole response only when it is this short, else its last line
+
+# spatial relation -> the phrases that express it (rule 6 of extract_choice)
+_SPATIAL = {
+    "left": r"left(?:most|\s*-?\s*hand)?",
+    "right": r"right(?:most|\s*-?\s*hand)?(?!\s+(?:answer|option|choice))",
+    "above": r"above|on\s+top|over|top(?:most)?|upper",
+    "below": r"below|under(?:neath)?|beneath|bottom(?:most)?|lower",
+    "center": r"middle|cent(?:er|re)|central|between",
+    "front": r"in\s+front|front",
+    "behind": r"behind|back(?:ground)?|rear",
+    "next_to": r"next\s+to|beside|besides|adjacent",
+}
+_SPATIAL_RE = {k: re.compile(rf"(?<![a-z])(?:{v})(?![a-z])") for k, v in _SPATIAL.items()}
+
+
+def _spatial_relations(text: str) -> frozenset[str]:
+    """The spatial relations a phrase names ("to the top left" -> {above, left}); "not on the left" drops left."""
+    t = _norm_phrase(text)
+    found = set()
+    for key, rx in _SPATIAL_RE.items():
+        for m in rx.finditer(t):
+            if not re.search(r"\bnot\s+(?:\w+\s+){0,3}$", t[: m.start()]):
+                found.add(key)
+    return frozenset(found)
+
+
+def _match_spatial(text: str, options: Mapping[str, str]) -> tuple[str | None, bool]:
+    """The one option naming exactly the spatial relations the response names: (letter, ambiguous)."""
+    want = _spatial_relations(text)
+    if not want:
+        return None, False
+    hits = [k for k, v in options.items() if _spatial_relations(v) == want]
+    if len(hits) == 1:
+        return hits[0], False
+    return None, len(hits) > 1
 
 
 def extract_choice(text: str, options: Mapping[str, str] | None = None, letters: str | None = None) -> Extraction:
@@ -264,7 +316,14 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None, letters:
     3. the whole response equals one option's text ("blue");
     4. exactly one distinct letter stands alone (upper-case, or "(c)") in the response (when it has at most 40
        words) or else in its last line; "not A" does not count; two or more distinct letters -> ambiguous -> None;
-    5. exactly one option text occurs in that same region (the longest wins when one contains another).
+    5. exactly one option text occurs in that same region (the longest wins when one contains another);
+    6. the region names spatial relations (left / right / above / below / center / front / behind / next to, from
+       phrases such as "to the top left", "underneath") and exactly one option names the same set ("It is on the
+       left." -> "left of the car"); "not on the left" does not count.
+
+    Letters in quotes ('B', "B", “B”) read as "(B)". A letter explicitly rejected right after it ("(A) is wrong",
+    "A isn't correct", "C can be ruled out") is never the answer, so "(A) is wrong, (B) is right" is B. Two
+    capital letters side by side ("B C") are ambiguous.
 
     A bare lower-case letter counts only when punctuation, a bracket or the end follows it ("c", "c.", "(b)"), so
     "a dog" is never A; "I think" is never I; "A dog is ..." at the start of a response or after "so" /
@@ -272,7 +331,7 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None, letters:
     """
     options = dict(options or {})
     letters = "".join(sorted(letters or (options.keys() if options else "ABCDE"))).upper()
-    text = strip_reasoning(text)
+    text = _QUOTED_LETTER.sub(r"(\1)", strip_reasoning(text))  # 'B', "B", “B” read as (B)
     if not text:
         return Extraction(None, "empty")
 
@@ -337,6 +396,15 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None, letters:
                 return Extraction(None, "ambiguous")
             if letter:
                 return Extraction(letter, "option_text")
+
+    # 6. a spatial phrase naming exactly one option's relation ("It is to the left." -> "on the left side")
+    if options:
+        for region in regions:
+            letter, amb = _match_spatial(region, options)
+            if amb:
+                return Extraction(None, "ambiguous")
+            if letter:
+                return Extraction(letter, "spatial_phrase")
     return Extraction(None, "none")
 
 
@@ -489,18 +557,37 @@ _YES = {"yes", "true", "correct", "1"}
 _NO = {"no", "false", "incorrect", "0"}
 
 
+# informal answer words, read like "yes" / "no" wherever those are
+_INFORMAL = {"yeah": "yes", "yep": "yes", "yup": "yes", "yea": "yes", "nope": "no", "nah": "no"}
+# words that answer only when they stand alone at the start ("Correct.", "False,"), not in "correct answer is"
+_FORMAL = {"correct": "yes", "true": "yes", "affirmative": "yes", "incorrect": "no", "false": "no", "negative": "no"}
+_LEAD = re.compile(r"[\s(\[\"'“]*(?:(not\s+(?:really|at\s+all))\b|([A-Za-z]+))(?P<after>\s*[.,!;:)\]\"”]|\s*$)?",
+                   re.IGNORECASE)
+
+
 def _yesno_word(s: str) -> str | None:
-    m = re.match(r"[\s(\[\"']*([A-Za-z]+)", s)
+    """yes / no from the first word of `s`: yes, no, yeah, nope, ...; "correct" / "false" ... only when
+    punctuation or the end follows; "not really" / "not at all" -> no."""
+    m = _LEAD.match(s)
     if not m:
         return None
-    w = m.group(1).lower()
-    return "yes" if w == "yes" else "no" if w == "no" else None
+    if m.group(1):
+        return "no"
+    w = m.group(2).lower()
+    if w in ("yes", "no"):
+        return w
+    if w in _INFORMAL:
+        return _INFORMAL[w]
+    return _FORMAL.get(w) if m.group("after") is not None else None
 
 
 def extract_yesno(text: str) -> Extraction:
     """Extract "yes" / "no". Rules: (1) the LAST explicit answer (``\\boxed{}``, "answer is", "Answer:") starting
-    with yes/no; (2) the response starts with yes/no ("No, there is no dog."); (3) exactly one of the words "yes" /
-    "no" occurs in the text; both -> ambiguous -> None."""
+    with a yes/no word; (2) the response starts with one ("No, there is no dog.", "Yeah, a dog.", "Nope.",
+    "Correct.", "Not really."); (3) exactly one of yes / no occurs in the text (the informal words count as
+    them); both -> ambiguous -> None. A leading answer contradicted right away ("No. Yes.", "Yes or no") is
+    ambiguous. Words: yes, yeah, yep, yup, yea / no, nope, nah; at the start also correct, true, affirmative /
+    incorrect, false, negative (followed by punctuation or the end) and "not really" / "not at all"."""
     text = strip_reasoning(text)
     if not text:
         return Extraction(None, "empty")
@@ -514,8 +601,12 @@ def extract_yesno(text: str) -> Extraction:
     if word:
         if re.match(r"[\s(\[\"']*[A-Za-z]+\s*(?:,|/|\bor\b|\band\b)\s*(?:yes|no)\b", text, re.IGNORECASE):
             return Extraction(None, "ambiguous")
+        lead = _LEAD.match(text)
+        nxt = re.match(r"\s*[.!;]?\s*([A-Za-z]+)\s*(?:[.!,;]|$)", text[lead.end():])
+        if nxt and {"yes": "yes", "no": "no", **_INFORMAL}.get(nxt.group(1).lower(), word) != word:
+            return Extraction(None, "ambiguous")  # "No. Yes."
         return Extraction(word, "leading_word")
-    words = set(re.findall(r"[a-z]+", text.lower()))
+    words = {_INFORMAL.get(w, w) for w in re.findall(r"[a-z]+", text.lower())}
     if ("yes" in words) != ("no" in words):
         return Extraction("yes" if "yes" in words else "no", "single_word")
     return Extraction(None, "ambiguous" if "yes" in words else "none")

@@ -9,8 +9,10 @@ import math
 import textwrap
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from .benchmark_metrics import HEADLINE, metric_for
+from .benchmark_metrics import compute as compute_benchmark
 from .scoring import aggregate
 from .sweep_config import Cell
 
@@ -23,14 +25,18 @@ def _mean(values):
 
 
 def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence[str],
-              sample_ids: dict[str, Sequence[str]] | None = None) -> dict:
+              sample_ids: dict[str, Sequence[str]] | None = None, *,
+              metrics: Mapping[str, str] | None = None) -> dict:
     """{"rows": [...one per (cell, dataset)...], "best": {dataset: cell id}, "baseline": id or None}.
 
     sample_ids: {dataset: the sample ids of this run}; stored rows of other samples (e.g. of an earlier run
     without --limit) are left out, so every cell is compared on the same sample set. "n_expected" per dataset
     is the size of that set; a cell with fewer rows (an interrupted run) is marked in the tables.
+    metrics: {dataset: benchmark score} (`benchmark_metrics.METRICS`; default: chosen by name); a row of a
+    dataset with one gets ``"benchmark": {...}`` (e.g. MMBench circular accuracy).
     """
     wanted = None if sample_ids is None else {d: set(ids) for d, ids in sample_ids.items()}
+    metrics = {ds: (metrics or {}).get(ds) or metric_for(ds) for ds in datasets}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
         if "target_reward" in r and "target_R_a" not in r:  # rows written before R_a had one name
@@ -50,6 +56,9 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
             for m in METRIC_COLUMNS:
                 if any(m in r for r in recs):
                     row[m] = _mean(r.get(m) for r in recs)
+            bench = compute_benchmark(metrics[ds], recs)
+            if bench is not None:
+                row["benchmark"] = bench
             rows.append(row)
     baseline = next((c.id for c in cells if c.preset == "identity"), None)
     best, beats = {}, {}
@@ -67,7 +76,7 @@ def summarize(records: Sequence[dict], cells: Sequence[Cell], datasets: Sequence
     vas_rows = sorted({r.get("vas_rows", "response") for rs in groups.values() for r in rs if "vas" in r})
     return {"rows": rows, "best": best, "best_beats_baseline": beats, "baseline": baseline,
             "datasets": list(datasets), "cells": [c.id for c in cells], "n_expected": n_expected,
-            "vas_rows": vas_rows, "rows_without_system": no_system}
+            "vas_rows": vas_rows, "rows_without_system": no_system, "metrics": metrics}
 
 
 def _pct(x) -> str:
@@ -120,7 +129,29 @@ def markdown_table(summary: dict) -> str:
         used = summary.get("vas_rows") or ["response"]
         lines.append("VAS: ratio form mass_img/(mass_sys+1e-6) (image = image + target), mean over layers, heads "
                      "and the query rows " + " / ".join(f"rows={r} ({ROW_SET_MEANING.get(r, r)})" for r in used) + ".")
+    lines += _benchmark_tables(summary, by)
     return "\n".join(lines) + "\n"
+
+
+def _benchmark_tables(summary: dict, by: dict) -> list[str]:
+    """One table per dataset with a benchmark score (MMBench circular, POPE F1, MME points, ...): cells x its
+    headline columns."""
+    lines = []
+    for ds in summary["datasets"]:
+        metric = summary.get("metrics", {}).get(ds, "accuracy")
+        cols = HEADLINE.get(metric)
+        if not cols:
+            continue
+        head = ["cell"] + [f"{label} {unit}" for _, label, unit in cols]
+        lines += ["", f"{ds} ({metric}, as the benchmark reports it):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for cell in summary["cells"]:
+            bench = by[(cell, ds)].get("benchmark") or {}
+            vals = [bench.get(key) for key, _, _ in cols]
+            lines.append("| " + " | ".join([cell] + [
+                "-" if v is None else (_pct(v) if unit == "%" else f"{v:.1f}")
+                for v, (_, _, unit) in zip(vals, cols)]) + " |")
+    return lines
 
 
 def heatmaps(summary: dict, out_dir: Path) -> list[Path]:

@@ -24,13 +24,15 @@ from tqdm.auto import tqdm
 
 from ..capture import capture
 from ..categories import SYSTEM
-from ..jsonl import quarantine_path
+from ..jsonl import quarantine_path, read_jsonl
 from ..metrics import select_rows, target_attention, vas
 from ..patch import patch
+from .benchmark_metrics import metric_for, record_fields
 from .datasets import Benchmark, DatasetError, load_benchmark
+from .distributed import merge_shards, my_units, process_context, shard_files, shard_path
 from .generation import Request, generate_batch
 from .prompts import COT_INSTRUCTIONS, DEFAULT_INSTRUCTIONS, build_prompt
-from .results import ResultStore
+from .results import KEY_FIELDS, ResultStore, record_key
 from .scoring import score
 from .summary import summarize, write_summary
 from .sweep_config import Cell, DatasetConfig, SweepConfig, check_model
@@ -43,8 +45,9 @@ LEGACY_MANIFEST = {"vas_rows": "response", "system": None}  # what older manifes
 class SweepResult:
     summary: dict
     paths: dict
-    new_records: int
+    new_records: int  # rows written by this run (all processes: counted by rank 0 at the merge)
     output_dir: Path
+    is_main: bool = True  # False on the other processes of a distributed run (they write no summary)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -75,6 +78,9 @@ def _manifest(cfg: SweepConfig) -> dict:
     return json.loads(json.dumps({k: full[k] for k in MANIFEST_KEYS}, default=str))
 
 
+_RESCORABLE = ("limit", "metric")  # dataset settings that do not change stored rows
+
+
 def _check_manifest(out: Path, cfg: SweepConfig) -> None:
     """Refuse to mix results of different sweeps in one folder (read-only; a folder without stored results,
     e.g. left by a run that failed before its first batch, never blocks)."""
@@ -92,8 +98,8 @@ def _check_manifest(out: Path, cfg: SweepConfig) -> None:
     old_ds = {d.get("name") or d["path"]: d for d in old.get("datasets", [])}
     for d in new["datasets"]:
         prev = old_ds.get(d.get("name") or d["path"])
-        if prev is not None and {k: v for k, v in prev.items() if k != "limit"} != \
-                {k: v for k, v in d.items() if k != "limit"}:
+        if prev is not None and {k: v for k, v in prev.items() if k not in _RESCORABLE} != \
+                {k: v for k, v in d.items() if k not in _RESCORABLE}:
             raise ValueError(f"{out}: dataset {d.get('name') or d['path']!r} settings changed since the "
                              "stored results; use another output folder, or --no-resume to start over")
 
@@ -147,8 +153,13 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
 
     Everything is validated (model path / family, device, backend, datasets, an incompatible output folder)
     before the output folder is touched. Ctrl-C raises `SweepInterrupted` after the finished batches are saved.
+    Launched in several processes (``accelerate launch``), the batches are shared out and merged at the end
+    (`attn_mod.eval.distributed`); the merged files are those of a one-process run.
     """
     cfg.validate()
+    ctx = process_context(cfg.device)
+    if ctx.world > 1:
+        cfg = dataclasses.replace(cfg, device=ctx.device_for(cfg.device))
     out = Path(cfg.output_dir)
     results_path = out / "results.jsonl"
     if model is None:
@@ -156,55 +167,93 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
     cells = cfg.build_cells()
     datasets = [(d, open_dataset(d, limit)) for d in cfg.datasets]
     names = [bench.name for _, bench in datasets]
+    scorers = {bench.name: metric_for(bench.name, d.metric) for d, bench in datasets}
     samples = {bench.name: list(bench) for _, bench in datasets}  # lazy images: nothing decoded yet
     if resume:
         _check_manifest(out, cfg)
     if model is None:
         model, processor = load_model_for(cfg)
-    # Validated and loaded: from here on the folder is written.
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for stale in [results_path, quarantine_path(results_path), out / "manifest.json"]:
-            stale.unlink(missing_ok=True)
-    (out / "manifest.json").write_text(json.dumps(_manifest(cfg), indent=2))
-    store = ResultStore(results_path)
-    sample_ids = {n: [s.sample_id for s in samples[n]] for n in names}
-    total = sum(len(v) for v in samples.values()) * len(cells)
-    todo = sum(1 for c in cells for n in names for s in samples[n] if (c.id, n, s.sample_id) not in store.done)
-    handle = patch(model, processor, backend=cfg.backend)
     gen = cfg.generation
-    bar = tqdm(total=total, initial=total - todo, disable=not progress, unit="sample", dynamic_ncols=True)
+    # the one-process order: units (cell, dataset, batch start) and each row's place in it
+    units = [(ci, di, start) for ci in range(len(cells)) for di, (_, bench) in enumerate(datasets)
+             for start in range(0, len(samples[bench.name]), gen.batch_size)]
+    place = {(cell.id, bench.name, s.sample_id): (ci, di, si) for ci, cell in enumerate(cells)
+             for di, (_, bench) in enumerate(datasets) for si, s in enumerate(samples[bench.name])}
+    ctx.barrier()  # every process has read the manifest before it is rewritten
+    # Validated and loaded: from here on the folder is written.
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for stale in [results_path, quarantine_path(results_path), out / "manifest.json", *shard_files(out)]:
+                stale.unlink(missing_ok=True)
+        (out / "manifest.json").write_text(json.dumps(_manifest(cfg), indent=2))
+        merge_shards(results_path)  # rows left by a killed multi-process run
+    ctx.barrier()
+    if ctx.world == 1:
+        store = writer = ResultStore(results_path)
+        done = store.done
+    else:  # results.jsonl is read-only until the final merge; this process appends to its own shard
+        done = {record_key(r) for r in read_jsonl(results_path, required=KEY_FIELDS, repair=False)}
+        writer = ResultStore(shard_path(results_path, ctx.rank))
+
+    def todo_of(unit):
+        ci, di, start = unit
+        name = datasets[di][1].name
+        return [s for s in samples[name][start:start + gen.batch_size] if (cells[ci].id, name, s.sample_id) not in done]
+
+    mine = my_units([u for u in units if todo_of(u)], ctx.rank, ctx.world)
+    total = sum(len(v) for v in samples.values()) * len(cells) if ctx.world == 1 else sum(map(len, map(todo_of, mine)))
+    todo = sum(len(todo_of(u)) for u in mine)
+    handle = patch(model, processor, backend=cfg.backend)
+    bar = tqdm(total=total, initial=total - todo, disable=not progress or not ctx.is_main, unit="sample",
+               dynamic_ncols=True)
     new_records = 0
+
+    def tables():  # after each cell (one process): tables only; the heatmaps are drawn once, at the end
+        write_summary(summarize(store.load(), cells, names, sample_ids=sample_ids, metrics=scorers), out,
+                      pictures=False)
+
+    sample_ids = {n: [s.sample_id for s in samples[n]] for n in names}
     try:
-        for cell in cells:
-            handle.update(intervention=cell.intervention)
-            bar.set_description(cell.name[:40])
-            cell_new = 0
-            for d, bench in datasets:
-                items = samples[bench.name]
-                for start in range(0, len(items), gen.batch_size):
-                    chunk = [s for s in items[start:start + gen.batch_size]
-                             if (cell.id, bench.name, s.sample_id) not in store.done]
-                    if not chunk:
-                        continue
-                    records = _run_batch(model, processor, handle, cfg, cell, d, bench.name, chunk,
-                                         _batch_seed(gen.seed, cell.id, bench.name, start))
-                    store.append(records)
-                    new_records += len(records)
-                    cell_new += len(records)
-                    bar.update(len(records))
-            if cell_new:  # tables only; the heatmaps are drawn once, at the end
-                write_summary(summarize(store.load(), cells, names, sample_ids=sample_ids), out, pictures=False)
+        current, cell_new = None, 0
+        for unit in mine:
+            ci, di, start = unit
+            cell, (d, bench) = cells[ci], datasets[di]
+            if cell.id != current:
+                if cell_new and ctx.world == 1:
+                    tables()
+                handle.update(intervention=cell.intervention)  # patched once per process, retuned per cell
+                bar.set_description(cell.name[:40])
+                current, cell_new = cell.id, 0
+            chunk = todo_of(unit)
+            records = _run_batch(model, processor, handle, cfg, cell, d, bench.name, chunk,
+                                 _batch_seed(gen.seed, cell.id, bench.name, start))
+            writer.append(records)
+            done.update(record_key(r) for r in records)
+            new_records += len(records)
+            cell_new += len(records)
+            bar.update(len(records))
+        if cell_new and ctx.world == 1:
+            tables()
     except KeyboardInterrupt:
-        raise SweepInterrupted(f"interrupted: {len(store.done)} result rows are saved in {results_path} "
+        saved = len(done) if ctx.world == 1 else f"{new_records} of this process's"
+        raise SweepInterrupted(f"interrupted: {saved} result rows are saved in {writer.path} "
                                f"({new_records} from this run); rerun the same command to resume") from None
     finally:
         bar.close()
         handle.remove()
-    summary = summarize(store.load(), cells, names, sample_ids=sample_ids)
-    paths = write_summary(summary, out)
+    if ctx.world > 1:
+        ctx.barrier()  # every shard is complete
+        if ctx.is_main:
+            new_records = merge_shards(results_path, order=place.get)
+        ctx.barrier()
+        rows = read_jsonl(results_path, required=KEY_FIELDS, repair=False)
+    else:
+        rows = store.load()
+    summary = summarize(rows, cells, names, sample_ids=sample_ids, metrics=scorers)
+    paths = write_summary(summary, out) if ctx.is_main else {}
     paths["results"] = results_path
-    return SweepResult(summary, paths, new_records, out)
+    return SweepResult(summary, paths, new_records, out, ctx.is_main)
 
 
 def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: DatasetConfig, dataset: str, chunk,
@@ -220,8 +269,10 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
                   top_p=gen.top_p, seed=seed)
     if cfg.attention_metrics:
-        boxes = [[(0, box) for box in s.bbox] if s.bbox else [] for s in chunk]
-        sizes = [(im.height, im.width) for r in requests for im in r.images]
+        # a sample's box is on its first image, wherever (and as often as) the prompt places it
+        boxes = [[(j, box) for j, i in enumerate(r.layout()[1]) if i == 0 for box in s.bbox] if s.bbox else []
+                 for s, r in zip(chunk, requests)]
+        sizes = [(im.height, im.width) for r in requests for im in r.placed_images()]
         handle.set_target(boxes=boxes, images=sizes) if any(boxes) else handle.set_target(None)
         with capture(model) as rec:
             outs = generate_batch(model, processor, requests, **kwargs)
@@ -236,5 +287,6 @@ def _run_batch(model, processor, handle, cfg: SweepConfig, cell: Cell, d: Datase
         res = score(s, o.text)
         records.append({"cell": cell.id, "dataset": dataset, **s.to_record(), "prediction": o.text,
                         "extracted": res.extracted, "correct": res.correct, "method": res.method,
-                        "n_tokens": len(o.token_ids), "n_system": int(ns), "seconds": round(seconds, 4), **m})
+                        "n_tokens": len(o.token_ids), "n_system": int(ns), "seconds": round(seconds, 4), **m,
+                        **({"meta": meta} if (meta := record_fields(s)) else {})})
     return records

@@ -22,6 +22,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "current folder; relative paths inside the YAML are relative to the YAML file)")
     p.add_argument("--device", default=None, help="override device of the config (cpu, cuda, cuda:1 ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="run in N processes (one per GPU with device: cuda; gloo on CPU) through accelerate launch; "
+                        "results are merged into the same files as a one-process run")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,10 +55,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vas-rows", default="response", choices=["response", "answer", "after_image", "all"],
                    help="query rows of VAS (default response: the generated-token rows; answer: also the last "
                         "prompt row, see attn_mod.metrics.select_rows)")
+    p.add_argument("--metric", default=None,
+                   help="benchmark score for every --data (mmbench, hallusionbench, mme, pope, mathvista, accuracy); "
+                        "default: chosen by the file name")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _print_result(result) -> None:
+    if not result.is_main:
+        return  # the other processes of a distributed run: rank 0 reports
     print(result.paths["markdown"].read_text())
     print(f"results: {result.paths['results']} ({result.new_records} new rows)")
     for key, path in sorted(result.paths.items()):
@@ -71,8 +79,26 @@ def cmd_sweep(args) -> int:
     from .sweep_config import check_model, load_sweep_config
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("device", args.device)) if v is not None}
-    cfg = load_sweep_config(args.config, overrides=overrides)
+    cfg = load_sweep_config(args.config, overrides=overrides)  # validated before any process starts
     check_model(cfg)
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes and args.num_processes > 1:
+        from .distributed import launch
+
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if args.num_processes > torch.cuda.device_count():
+                raise ValueError(f"--num-processes {args.num_processes} needs as many GPUs, this machine has "
+                                 f"{torch.cuda.device_count()}; use fewer processes or device: cpu")
+
+        argv = ["sweep", args.config, "--resume" if args.resume else "--no-resume"]
+        for flag, value in (("--limit", args.limit), ("--output-dir", args.output_dir), ("--device", args.device)):
+            if value is not None:
+                argv += [flag, str(value)]
+        return launch(argv + (["--no-progress"] if args.no_progress else []), args.num_processes,
+                      cpu=not cfg.device.startswith("cuda"))
     from .sweep import run_sweep
 
     _print_result(run_sweep(cfg, resume=args.resume, limit=args.limit, progress=not args.no_progress))
@@ -95,7 +121,7 @@ def cmd_eval(args) -> int:
                          f"{', '.join('--' + k for k in allowed if k != 'renorm') or 'no parameters'})")
     cells = [] if args.preset == "identity" else [CellConfig(preset=args.preset, params=params)]
     cfg = SweepConfig(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                      datasets=[DatasetConfig(path=p) for p in args.data], cells=cells,
+                      datasets=[DatasetConfig(path=p, metric=args.metric) for p in args.data], cells=cells,
                       include_baseline=args.baseline or args.preset == "identity",
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
                       attention_metrics=args.attention_metrics, vas_rows=args.vas_rows, system=args.system,

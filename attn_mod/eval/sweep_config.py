@@ -48,10 +48,16 @@ class DatasetConfig:
     instructions: Literal["default", "cot"] = "default"
     template: str | None = None
     system: str | None = None
+    metric: str | None = None  # benchmark score (attn_mod.eval.benchmark_metrics); None: chosen by name
 
     def validate(self):
         if not self.path:
             raise ValueError("every dataset needs a path")
+        if self.metric is not None:
+            from .benchmark_metrics import METRICS
+
+            if self.metric not in METRICS:
+                raise ValueError(f"dataset metric {self.metric!r} is unknown; choose one of {sorted(METRICS)}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"dataset limit must be >= 0, got {self.limit}")
 
@@ -128,6 +134,8 @@ class SweepConfig:
     def validate(self):
         if not self.datasets:
             raise ValueError("datasets: list at least one benchmark (e.g. - {path: data/bench.tsv})")
+        for d in self.datasets:  # also when built in code (attn-mod eval), not only from YAML
+            d.validate()
         names = [d.name or d.path for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets have duplicate names {names}; give each a distinct name")

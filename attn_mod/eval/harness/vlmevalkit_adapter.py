@@ -22,7 +22,7 @@ import os
 from abc import abstractmethod
 from typing import Any, Iterable, Mapping
 
-from ..generation import Request, generate_batch
+from ..generation import IMAGE_MARKER, Request, generate_batch
 from ._media import load_image
 
 
@@ -133,9 +133,10 @@ def _present(line, key) -> bool:
 class AttnModVLMEval(BaseModel):
     """A VLMEvalKit model backed by a (patched) Hugging Face VLM and its processor.
 
-    Messages: images first, then the texts joined with newlines (`INTERLEAVE = False`: all images of a
-    message are used, in order, but not at their positions between texts; `attn_mod.eval.generation`
-    renders images before the question). Text items with `role: system` become the system turn.
+    Messages (`INTERLEAVE = True`): images keep their positions between text items; in an images-first
+    message the texts are joined with newlines and ``<image N>`` markers in them get image N (MMMU), other
+    images come first (`attn_mod.eval.generation.Request.layout`). Text items with `role: system` become the
+    system turn.
 
     handle: the `PatchHandle` of `attn_mod.patch(model, ...)` (enables `update`).
     generation_overrides: {dataset name: generate_batch kwargs} for that dataset (e.g. max_new_tokens).
@@ -143,7 +144,7 @@ class AttnModVLMEval(BaseModel):
         prompt) is used instead of the dataset's own.
     """
 
-    INTERLEAVE = False
+    INTERLEAVE = True
     VIDEO_LLM = False
     INSTALL_REQ = False
     allowed_types = ["text", "image"]
@@ -194,22 +195,34 @@ class AttnModVLMEval(BaseModel):
         return [dict(type="image", value=p) for p in paths] + [dict(type="text", value=text)]
 
     def generate_inner(self, message, dataset=None):
-        """One answer string for a VLMEvalKit message (list of {'type', 'value'[, 'role']} dicts)."""
+        """One answer string for a VLMEvalKit message (list of {'type', 'value'[, 'role']} dicts).
+
+        Images keep their place: an image item after user text is put there (as ``<image N>``, which
+        `attn_mod.eval.generation` resolves), and ``<image N>`` markers in the text of an images-first message
+        (MMMU) get image N, as VLMEvalKit's ``split_MMMU`` does."""
         images, texts, system = [], [], self.system_prompt
+        parts, interleaved = [], False
         for item in message:
             kind, value, role = item["type"], item["value"], item.get("role", "user")
             if kind == "image":
                 images.append(load_image(value))
+                interleaved |= bool(texts)
+                parts.append(f"<image {len(images)}>")
             elif kind == "text" and role == "system":
                 system = value
             elif kind == "text" and role == "user":
                 texts.append(value)
+                parts.append(value)
             elif kind == "text":
                 raise NotImplementedError(f"text with role {role!r}: attn_mod.eval.generation renders one user turn "
                                           "(no assistant prefill)")
             else:
                 raise NotImplementedError(f"{kind!r} input: attn-mod's generation path takes text and images only")
+        if interleaved and any(IMAGE_MARKER.search(t) for t in texts):
+            raise ValueError("message both interleaves images with text and holds <image N> markers in its text; "
+                             "send one form (images first with markers, or interleaved items without)")
+        question = "".join(parts) if interleaved else "\n".join(texts)
         kwargs = {**self.generate_kwargs, **self.generation_overrides.get(dataset, {})}
-        out = generate_batch(self.model, self.processor, [Request("\n".join(texts), images, system)], **kwargs)[0]
+        out = generate_batch(self.model, self.processor, [Request(question, images, system)], **kwargs)[0]
         self.last_output = out
         return out.text

@@ -151,8 +151,23 @@ def make_provider(name, variant, device, causal, B, Hq, Q, K, cat):
     elif variant == "pai":
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + absw[cat_l[b, kv_idx]] * score.abs()
-    compiled = torch.compile(fa.flex_attention, dynamic=False)
+    compiled = _compiled_flex()
     return lambda q, k, v: (compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True), None)
+
+
+_FLEX = []
+
+
+def _compiled_flex():
+    """One torch.compile'd flex_attention for the whole run (recompiles per shape / score_mod stay under the
+    raised cache limit instead of falling back to the unfused eager path)."""
+    if not _FLEX:
+        import torch._dynamo
+        from torch.nn.attention import flex_attention as fa
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        _FLEX.append(torch.compile(fa.flex_attention, dynamic=False))
+    return _FLEX[0]
 
 
 def timed(fn, device, reps):

@@ -180,6 +180,7 @@ def measure(job):
     from attn_mod.kernels.triton_aot import compile_kernel
 
     knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its register log
     fn, args, meta = launch(kernel, variant)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -317,6 +318,8 @@ def main(argv=None):
     print(md)
     if not a.no_write:
         write_results(md, a.results)
+        # the rows, for bench/gpu_check.py's static-vs-measured register table
+        (ROOT / "bench" / "kernel_static.json").write_text(json.dumps(rows, indent=0) + "\n")
 
 
 if __name__ == "__main__":

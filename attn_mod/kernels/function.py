@@ -23,6 +23,7 @@ from .spec import NUM_CATEGORIES, AttentionOutput, CategoryTransform, check_inpu
 BACKENDS = ("auto", "torch", "triton", "flex")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
+_IDENTITY = CategoryTransform.identity()  # one object, so its cached device tables are reused by every call
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -138,7 +139,7 @@ def triton_category_attention(
                          f"{q.dtype}, {k.dtype}, {v.dtype} (use backend='torch' for float64)")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}")
-    transform = CategoryTransform.identity() if transform is None else transform
+    transform = _IDENTITY if transform is None else transform
     if torch.is_grad_enabled() and any(getattr(transform, n).requires_grad for n in ("mul", "absw", "add", "w")):
         raise NotImplementedError("backend='triton' computes no gradient for the transform tables (mul/absw/add/w "
                                   "require grad); use backend='torch', or detach the tables")

@@ -6,8 +6,9 @@ Backends: "torch" (reference.py, exact, CPU default), "triton" (CUDA; CPU only u
 The ATTN_MOD_BACKEND environment variable overrides "auto".
 
 The Triton path is one `torch.autograd.Function` (`TritonCategoryAttention`): forward launches
-`triton_fwd.attention_forward` and saves q, k, v, cat, out, lse (and mass), plus the small transform table and
-enable masks; backward launches `triton_bwd.attention_backward`. Gradients flow to q, k, v from out, mass and lse;
+`triton_fwd.attention_forward` (or `triton_decode.decode_forward` for few query rows) and saves q, k, v, out, lse
+(and mass) plus the kernel operands (`triton_common.KernelOperands`: categories, per-key values, tile codes,
+enables, compile-time kind flags); backward launches `triton_bwd.attention_backward`. Gradients flow to q, k, v from out, mass and lse;
 the transform tables get no gradient on this path (use backend="torch" for that).
 """
 

@@ -2,12 +2,15 @@
 
 With upstream dO (B,Hq,Q,D), optional mass gradient g (B,Hq,Q,8) and optional LSE gradient dlse (B,Hq,Q):
 
-    P'_ij  = wpost_ij * exp(x_ij - lse_i),  Phat_ij = exp(x_ij - lse_i)     (x, wpost: triton_common._transform)
+    P'_ij  = wpost_ij * exp(x_ij - lse_i),  Phat_ij = exp(x_ij - lse_i)     (x, wpost: triton_common._scores / _wpost)
     dP'_ij = dO_i . v_j + g_{c_j}(i)
     Delta_i = dO_i . o_i + sum_c g_c(i) mass_c(i) - dlse_i                   (`_attn_bwd_preprocess`)
     dt_ij  = P'_ij dP'_ij - Phat_ij Delta_i    (renorm / identity: Phat = P', i.e. P'(dP' - Delta);
                                                 raw: Phat = P = softmax(t), the unweighted probabilities)
-    ds_ij  = dt_ij * (mul[c] + absw[c] sign(s_ij)) on enabled rows, dt_ij elsewhere
+    ds_ij  = dt_ij * (mul[c] + absw[c] sign(s_ij)) on enabled rows, dt_ij elsewhere (only the mul / absw kinds
+             multiply; the kernels carry dx/dqk = scale log2(e) dt/ds and rescale by ln 2 at the end)
+    mass gradient: a single-category key tile folds g_c into the row's Delta (Delta - wpost g_c); a mixed tile adds
+             g_{c_j}(i) to dP' through the one-hot dot
     dq_i = scale sum_j ds_ij k_j   (`_attn_bwd_dq`: one program per query block, loops over keys)
     dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P'_ij dO_i, summed over the GROUP query heads of the kv head
                                    (`_attn_bwd_dkdv`: one program per key block, loops over heads and queries)
@@ -429,10 +432,9 @@ DKDV_CONFIGS = [  # 128 keys x 16 rows: dk + dv (128 x 128 fp32 each) already ta
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 16}, num_stages=2, num_warps=8),
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 16}, num_stages=3, num_warps=8),
 ]
-DQ_CONFIGS = [
+DQ_CONFIGS = [  # (64 x 32 / 4 warps spills 4 B for the general kind: left out)
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_stages=2, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_stages=2, num_warps=4),
 ]
 

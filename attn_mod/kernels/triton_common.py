@@ -1,13 +1,15 @@
 """Pieces shared by the Triton forward (`triton_fwd.py`) and backward (`triton_bwd.py`) kernels.
 
-Device helpers (all element-wise on broadcastable tiles, fp32):
-  `_key_tables`      per-key transform values gathered from the (5, NUM_CAT) table by key category
-  `_transform`       s2 -> (exponent x, post-softmax weight, dt/ds); the operator's transform in log2 units
+Device helpers (element-wise on broadcastable tiles, fp32):
+  `_key_vectors`     per-key values (bias on / off, slope, abs, w) of a key tile from the (KV_ROWS, B, K) table
+  `_scores`          raw dot products -> exponent x in log2 units (the transform kind picks the terms)
+  `_slope`, `_wpost` dx/dqk for the backward (mul / absw kinds) and the raw-mode post-softmax weight
   `_dot_fp32`        a @ b where one operand is fp32 data and the other a 0/1 one-hot tile, at ~fp32 accuracy
-Host helpers: the packed table layout, interpreter detection and operand dtypes.
+Host helpers: `kernel_operands` (per-key values, tile codes, enables, kind flags: device ops only),
+`key_table` (cached per transform, scale and device), `tile_codes`, config pruning / pinning, operand dtypes.
 
-Units: every score inside the kernels is in log2 units, s2 = scale * log2(e) * q.k, so exp2 replaces exp;
-add and log w are pre-multiplied by log2(e) in the table. LSE is stored in natural-log units (spec.py).
+Units: every score inside the kernels is in log2 units, x = scale * log2(e) * q.k (+ transform), so exp2 replaces
+exp; add, log w and the scale are folded into the per-key table. LSE is stored in natural-log units (spec.py).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def interpreting() -> bool:
 
 
 def pack_tables(transform: CategoryTransform, device) -> torch.Tensor:
-    """(TABLE_ROWS, NUM_CATEGORIES) fp32: mul, absw, add*log2(e), log2(w) (-inf where w == 0), w."""
+    """(TABLE_ROWS, NUM_CATEGORIES) fp32: mul, absw, add*log2(e), log2(w) (-inf where w == 0), w (a debugging view
+    of the tables in log2 units; the kernels read `key_table` instead)."""
     tr = transform.to(device)
     with torch.no_grad():
         return torch.stack([tr.mul, tr.absw, tr.add * LOG2E, torch.log2(tr.w), tr.w]).contiguous()

@@ -184,3 +184,26 @@ def test_pinned_configs_and_shape_pruning(monkeypatch):
     monkeypatch.setenv("ATTN_MOD_TRITON_CONFIG", "fastest")
     with pytest.raises(ValueError, match="ATTN_MOD_TRITON_CONFIG"):
         prune(configs, {"Q_LEN": 4096})
+
+
+def test_operands_need_no_host_sync(monkeypatch):
+    """Building the kernel operands (per-key values, tile codes, enables) of a transform moved with .to() reads no
+    tensor value on the host: Tensor.__bool__ / item / tolist raise while it runs (a GPU would sync there)."""
+    tr = kind_transform("general").to("cpu")
+    cat = run_categories(2, 100)
+    row_en, head_en = torch.rand(2, 7) > 0.5, torch.tensor([True, False, True])
+
+    def boom(*a, **k):
+        raise AssertionError("host read of a tensor value")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    ops = triton_common.kernel_operands(tr, cat, row_en, head_en, scale=0.25, Q=7, Hq=3, need_codes=True)
+    ops2 = triton_common.kernel_operands(tr, cat, None, None, scale=0.25, Q=7, Hq=3, need_codes=False)
+    monkeypatch.undo()
+    assert ops.flags() == dict(TRANSFORM=True, ALL_EN=False, HAS_MUL=True, HAS_ABS=True, RAW_W=True)
+    assert ops2.flags()["ALL_EN"] and ops.kv.shape == (triton_common.KV_ROWS, 2, 100)
+    assert triton_common.key_table(tr, 0.25, "cpu") is triton_common.key_table(tr, 0.25, "cpu")  # cached
+    want_bias = torch.where(cat.long() == 0, float("-inf"),
+                            tr.add[cat.long()] * triton_common.LOG2E)  # raw mode: no log w in the bias
+    torch.testing.assert_close(ops.kv[triton_common.KV_BIAS_ON], want_bias)

@@ -25,10 +25,10 @@ test-gpu: $(VENV)/.installed
 	env -u TRITON_INTERPRET $(PY) -m pytest -q -ra tests/test_kernels_cuda.py tests/test_flex_backend.py
 
 # One-shot GPU check (<= 8 min, pinned configs, the machine's own torch / triton): parity, registers, quick bench.
-# Results stream to $(OUT)/gpu_check.jsonl. Uses the python on PATH (no venv, no installs).
+# Results stream to $(OUT)/gpu_check.jsonl. Uses $(PYTHON) from PATH (the machine's own packages; no venv, no installs).
 OUT ?= bench/out/gpu_check
 gpu-check:
-	env -u TRITON_INTERPRET python bench/gpu_check.py --out-dir $(OUT)
+	env -u TRITON_INTERPRET $(PYTHON) bench/gpu_check.py --out-dir $(OUT)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/attn-mod demo --out runs/demo

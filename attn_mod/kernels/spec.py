@@ -121,7 +121,8 @@ class TransformKind:
 
 def transform_kind(transform: CategoryTransform) -> TransformKind:
     """The kind of `transform` (validates its tables). Cached on the object and carried by `transform.to()`, so a
-    transform built on the CPU and moved to the GPU once never syncs the device here."""
+    transform built on the CPU and moved to the GPU once never syncs the device here. The cache assumes the tables
+    are not edited in place after the first kernel call (build a new transform instead, as `handle.update` does)."""
     cache = transform.__dict__.setdefault("_kernel_cache", {})
     kind = cache.get("kind")
     if kind is None:

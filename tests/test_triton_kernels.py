@@ -30,11 +30,13 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                        "sets it on machines without an NVIDIA device)")
 
 # Max abs error allowed against the float64 truth, per dtype. Measured maxima over CASES: fp32 out 2.2e-6,
-# lse 1.8e-6, mass 4.9e-7, grads 2.7e-6; fp16 out 1.6e-3, lse 1.2e-6, mass 4.6e-7, grads 3.7e-3 (fp16 / bf16 grads
-# are rounded to the input dtype; masses keep fp32 accuracy through the hi/lo split of the one-hot dot).
+# lse 1.8e-6, mass 4.9e-7, grads 2.7e-6; fp16 out 1.6e-3, lse 1.2e-6, mass 2.5e-4 (raw w up to 2), grads 3.7e-3 (fp16 / bf16 grads
+# are rounded to the input dtype; with fp16 / bf16 dots a mixed-category tile adds its masses through one fp16
+# one-hot dot (11 bits per P' element; the random categories here make every tile mixed), single-category tiles
+# add the fp32 row sums; mass gradients keep ~fp32 accuracy through the hi/lo split).
 TOL = {
     torch.float32: dict(out=1e-5, lse=1e-5, mass=5e-6, grad=2e-5),
-    torch.float16: dict(out=5e-3, lse=1e-5, mass=5e-6, grad=1.5e-2),
+    torch.float16: dict(out=5e-3, lse=1e-5, mass=6e-4, grad=1.5e-2),
     torch.bfloat16: dict(out=2e-2, lse=1e-5, mass=5e-6, grad=6e-2),  # interpreter: bf16 I/O (rounding), fp32 dots
 }
 ALL_KINDS = ("mul", "absw", "add", "w")
@@ -293,7 +295,8 @@ def test_kernels_compile_for_h100():
     """The interpreter accepts code a GPU compiler rejects: compile the most complex variant for sm_90 for real
     (Triton -> PTX -> cubin with the bundled ptxas; no GPU needed). Full matrix: python -m attn_mod.kernels.triton_aot"""
     code = ("from attn_mod.kernels import triton_aot\nimport torch\n"
-            "triton_aot.variants = lambda quick: [(torch.bfloat16, 80, True, True, False, True)]\n"
+            "triton_aot.variants = lambda quick: [(torch.bfloat16, 80, True, dict(mul={3: 1.1}, absw={3: 0.2}, "
+            "w={1: 0.0}, renorm=False), True, True)]\n"
             "res = triton_aot.check(90, blocks=((128, 64),))\n"
             "print(len(res), max(r['shared_bytes'] for r in res))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

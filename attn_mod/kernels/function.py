@@ -6,8 +6,9 @@ Backends: "torch" (reference.py, exact, CPU default), "triton" (CUDA; CPU only u
 The ATTN_MOD_BACKEND environment variable overrides "auto".
 
 The Triton path is one `torch.autograd.Function` (`TritonCategoryAttention`): forward launches
-`triton_fwd.attention_forward` and saves q, k, v, cat, out, lse (and mass), plus the small transform table and
-enable masks; backward launches `triton_bwd.attention_backward`. Gradients flow to q, k, v from out, mass and lse;
+`triton_fwd.attention_forward` (or `triton_decode.decode_forward` for few query rows) and saves q, k, v, out, lse
+(and mass) plus the kernel operands (`triton_common.KernelOperands`: categories, per-key values, tile codes,
+enables, compile-time kind flags); backward launches `triton_bwd.attention_backward`. Gradients flow to q, k, v from out, mass and lse;
 the transform tables get no gradient on this path (use backend="torch" for that).
 """
 
@@ -23,6 +24,7 @@ from .spec import NUM_CATEGORIES, AttentionOutput, CategoryTransform, check_inpu
 BACKENDS = ("auto", "torch", "triton", "flex")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
+_IDENTITY = CategoryTransform.identity()  # one object, so its cached device tables are reused by every call
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -67,19 +69,28 @@ def category_attention(
 class TritonCategoryAttention(torch.autograd.Function):
     """out, lse, mass = f(q, k, v) with the Triton kernels; differentiable in q, k, v (from out, lse and mass).
 
-    Non-differentiable inputs: cat (B,K) int, tables (5, NUM_CATEGORIES) fp32 (`triton_common.pack_tables`),
-    row_en (B,Q) int8, head_en (Hq,) int8, and the Python flags."""
+    `ops` (`triton_common.KernelOperands`: key categories, per-key values, tile codes, enables, kind flags) and the
+    Python flags are non-differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cat, tables, row_en, head_en, scale, causal, transform_on, renorm, return_mass,
-                blocks):
+    def forward(ctx, q, k, v, ops, scale, causal, return_mass, blocks):
+        from .triton_decode import decode_forward, use_decode
         from .triton_fwd import attention_forward
 
-        out, lse, mass = attention_forward(q, k, v, cat, tables, row_en, head_en, scale=scale, causal=causal,
-                                           transform_on=transform_on, renorm=renorm, return_mass=return_mass,
-                                           **blocks)
-        ctx.save_for_backward(q, k, v, cat, out, lse, mass, tables, row_en, head_en)
-        ctx.flags = dict(scale=scale, causal=causal, transform_on=transform_on, renorm=renorm, **blocks)
+        tiles = {n: blocks[n] for n in ("block_m", "block_n", "mass_path") if n in blocks}
+        decode = blocks.get("decode")
+        if decode is None:
+            decode = use_decode(q.shape[2], q.shape[1] // k.shape[1])
+        if decode:
+            out, lse, mass = decode_forward(q, k, v, ops, scale=scale, causal=causal, return_mass=return_mass,
+                                            block_n=blocks.get("block_n"), n_split=blocks.get("n_split"),
+                                            mass_path=blocks.get("mass_path", 0))
+        else:
+            out, lse, mass = attention_forward(q, k, v, ops, scale=scale, causal=causal, return_mass=return_mass,
+                                               **tiles)
+        ctx.save_for_backward(q, k, v, out, lse, mass, *ops.tensors())
+        ctx.ops = ops.with_tensors((None,) * 6)  # the kind flags; tensors come back through saved_tensors
+        ctx.flags = dict(scale=scale, causal=causal, **tiles)
         ctx.set_materialize_grads(False)
         return out, lse, mass
 
@@ -87,14 +98,14 @@ class TritonCategoryAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse, dmass):
         from .triton_bwd import attention_backward
 
-        q, k, v, cat, out, lse, mass, tables, row_en, head_en = ctx.saved_tensors
+        q, k, v, out, lse, mass, *op_tensors = ctx.saved_tensors
         if dout is None and dlse is None and dmass is None:
-            return (None,) * 13
+            return (None,) * 8
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = attention_backward(dout, q, k, v, cat, tables, row_en, head_en, out, lse, mass, dmass, dlse,
+        dq, dk, dv = attention_backward(dout, q, k, v, ctx.ops.with_tensors(op_tensors), out, lse, mass, dmass, dlse,
                                         **ctx.flags)
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * 5
 
 
 def triton_category_attention(
@@ -113,10 +124,15 @@ def triton_category_attention(
 ) -> AttentionOutput:
     """The operator on the Triton kernels (same contract as `category_attention_reference`).
 
-    q/k/v must share one dtype among fp16/bf16/fp32 and a head dim <= 256. `_blocks`
-    ({"block_m": .., "block_n": ..}) pins the tile sizes instead of autotuning (tests only)."""
+    q/k/v must share one dtype among fp16/bf16/fp32 and a head dim <= 256. No host sync: the transform's kind is
+    read once on the host and cached with its device table (`spec.transform_kind`, `triton_common.key_table`);
+    categories are range-checked here only on the CPU (interpreter) — on CUDA they are validated where they are
+    built (`categories.validate_categories`, the labeler) and an out-of-range code fails the device-side gather.
+    Few query rows (Q <= triton_decode.DECODE_MAX_Q) run the split-K decode forward with GQA heads packed.
+    `_blocks` ({"block_m", "block_n", "mass_path", "decode", "n_split"}) pins tiles, the mass path (0 per tile,
+    2 always the one-hot dot), the decode path (True / False / None = auto) and its split count (tests only)."""
     check_inputs(q, k, v, cat, row_enable, head_enable)
-    from .triton_common import check_triton_device, pack_tables
+    from .triton_common import check_triton_device, kernel_operands
 
     check_triton_device(q)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TRITON_DTYPES:
@@ -124,27 +140,19 @@ def triton_category_attention(
                          f"{q.dtype}, {k.dtype}, {v.dtype} (use backend='torch' for float64)")
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims up to {MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}")
-    transform = CategoryTransform.identity() if transform is None else transform
-    transform.validate()
+    transform = _IDENTITY if transform is None else transform
     if torch.is_grad_enabled() and any(getattr(transform, n).requires_grad for n in ("mul", "absw", "add", "w")):
         raise NotImplementedError("backend='triton' computes no gradient for the transform tables (mul/absw/add/w "
                                   "require grad); use backend='torch', or detach the tables")
     B, Hq, Q, D = q.shape
     dev = q.device
     cat = cat.to(dev)
-    if cat.numel() and bool(((cat < 0) | (cat >= NUM_CATEGORIES)).any()):
+    if cat.device.type == "cpu" and cat.numel() and bool(((cat < 0) | (cat >= NUM_CATEGORIES)).any()):
         raise ValueError(f"key categories must lie in 0..{NUM_CATEGORIES - 1}, got {cat.min().item()}..{cat.max().item()}")
-    if cat.dtype == torch.bool:
-        cat = cat.to(torch.int8)
-    if cat.shape[1] and cat.stride(1) != 1:
-        cat = cat.contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    row_en = (torch.ones(B, Q, dtype=torch.int8, device=dev) if row_enable is None
-              else row_enable.to(device=dev, dtype=torch.int8).contiguous())
-    head_en = (torch.ones(Hq, dtype=torch.int8, device=dev) if head_enable is None
-               else head_enable.to(device=dev, dtype=torch.int8).contiguous())
     scale = default_scale(D) if scale is None else float(scale)
-    out, lse, mass = TritonCategoryAttention.apply(
-        q, k, v, cat, pack_tables(transform, dev), row_en, head_en, scale, bool(causal), not transform.is_identity(),
-        bool(transform.renorm), bool(return_mass), dict(_blocks or {}))
+    ops = kernel_operands(transform, cat, row_enable, head_enable, scale=scale, Q=Q, Hq=Hq,
+                          need_codes=bool(return_mass))
+    out, lse, mass = TritonCategoryAttention.apply(q, k, v, ops, scale, bool(causal), bool(return_mass),
+                                                   dict(_blocks or {}))
     return AttentionOutput(out, lse, mass)

@@ -85,8 +85,57 @@ class CategoryTransform:
         return bool((self.mul == 1).all() and (self.absw == 0).all() and (self.add == 0).all() and (self.w == 1).all())
 
     def to(self, device) -> CategoryTransform:
-        return CategoryTransform(*(getattr(self, n).to(device=device, dtype=torch.float32)
-                                   for n in ("mul", "absw", "add", "w")), self.renorm)
+        """A copy on `device`; the kernels' kind analysis (read on the host) travels with it, so the device copy
+        never needs a host sync to be classified (`triton_common.transform_kind`)."""
+        moved = CategoryTransform(*(getattr(self, n).to(device=device, dtype=torch.float32)
+                                    for n in ("mul", "absw", "add", "w")), self.renorm)
+        if self.mul.device.type == "cpu" or "_kernel_cache" in self.__dict__:
+            moved.__dict__["_kernel_cache"] = {"kind": transform_kind(self)}
+        return moved
+
+
+@dataclass(frozen=True)
+class TransformKind:
+    """What the kernels specialise on at compile time (the constexpr flags), read from the transform tables.
+
+    transform  any table math at all (False: identity, PAD masking only)
+    has_mul    some mul != 1 (multiplicative kind)       has_abs  some absw != 0 (absolute kind, e.g. PAI)
+    raw_w      not renorm and some w != 1 (raw-w kind: P' = w * P, denominator unweighted)
+    renorm     the renorm flag (only meaningful with transform)
+    Everything else (add, renormalised w) is the bias kind: one per-key bias, no extra work per element."""
+
+    transform: bool
+    has_mul: bool
+    has_abs: bool
+    raw_w: bool
+    renorm: bool
+
+    @property
+    def name(self) -> str:
+        if not self.transform:
+            return "identity"
+        extra = [n for n, on in (("multiplicative", self.has_mul), ("absolute", self.has_abs),
+                                 ("raw_w", self.raw_w)) if on]
+        return "bias" if not extra else extra[0] if len(extra) == 1 else "general"
+
+
+def transform_kind(transform: CategoryTransform) -> TransformKind:
+    """The kind of `transform` (validates its tables). Cached on the object and carried by `transform.to()`, so a
+    transform built on the CPU and moved to the GPU once never syncs the device here. The cache assumes the tables
+    are not edited in place after the first kernel call (build a new transform instead, as `handle.update` does)."""
+    cache = transform.__dict__.setdefault("_kernel_cache", {})
+    kind = cache.get("kind")
+    if kind is None:
+        cpu = CategoryTransform(*(getattr(transform, n).detach().cpu() for n in ("mul", "absw", "add", "w")),
+                                transform.renorm)
+        cpu.validate()
+        has_mul = bool((cpu.mul != 1).any())
+        has_abs = bool((cpu.absw != 0).any())
+        raw_w = not cpu.renorm and bool((cpu.w != 1).any())
+        on = has_mul or has_abs or raw_w or bool((cpu.add != 0).any()) or bool((cpu.w != 1).any())
+        kind = TransformKind(on, has_mul and on, has_abs and on, raw_w and on, bool(cpu.renorm))
+        cache["kind"] = kind
+    return kind
 
 
 def check_inputs(q, k, v, cat, row_enable=None, head_enable=None) -> None:

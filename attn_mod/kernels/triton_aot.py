@@ -65,36 +65,40 @@ def compile_kernel(kernel, args, constexprs, arch: int = 90, num_warps: int = 4,
 
 
 def variants(quick: bool):
-    """(dtype, head_dim, causal, transform_on, renorm, mass) combinations to compile: every head dim x causal with
-    the heaviest path (raw weights + masses), plus renorm / identity / fp16 / fp32 representatives."""
+    """(dtype, head_dim, causal, tables, row_enables, mass) combinations to compile: every head dim x causal with
+    the heaviest path (general transform, raw weights, row enables + masses), plus renorm / identity / fp16 / fp32
+    representatives. `tables` are CategoryTransform.from_lists keyword arguments."""
+    general = dict(mul={3: 1.1}, absw={3: 0.2}, add={5: -0.3}, w={1: 0.0, 3: 1.2}, renorm=False)
+    avar = dict(w={1: 0.5, 3: 1.2, 4: 1.2})
     if quick:
-        return [(torch.bfloat16, 128, True, True, True, True), (torch.float16, 80, False, True, False, True),
-                (torch.bfloat16, 64, True, False, True, False)]
-    heavy = [(torch.bfloat16, d, c, True, False, True) for d in (64, 80, 96, 128) for c in (True, False)]
-    return heavy + [(torch.bfloat16, 128, True, True, True, True), (torch.bfloat16, 128, True, False, True, False),
-                    (torch.float16, 128, True, True, True, True), (torch.float32, 64, True, True, False, True)]
+        return [(torch.bfloat16, 128, True, avar, False, True), (torch.float16, 80, False, general, True, True),
+                (torch.bfloat16, 64, True, {}, False, False)]
+    heavy = [(torch.bfloat16, d, c, general, True, True) for d in (64, 80, 96, 128) for c in (True, False)]
+    return heavy + [(torch.bfloat16, 128, True, avar, False, True), (torch.bfloat16, 128, True, {}, False, False),
+                    (torch.float16, 128, True, avar, True, True), (torch.float32, 64, True, general, True, True)]
 
 
 def check(arch: int = 90, quick: bool = False, blocks=((128, 64), (64, 32))):
-    """Compile forward, preprocess, dK/dV and dQ kernels for every variant; returns a list of result dicts."""
+    """Compile forward, preprocess, dK/dV, dQ and decode kernels for every variant; returns a list of result dicts.
+    `blocks` = (BLOCK_M, BLOCK_N) of the forward / dQ programs (dK/dV uses them swapped)."""
     from . import triton_bwd, triton_fwd
-    from .spec import NUM_CATEGORIES
+    from .spec import NUM_CATEGORIES, CategoryTransform
+    from .triton_common import kernel_operands
 
     results = []
     B, Hq, Hkv, Q, K = 2, 4, 2, 200, 200  # lengths off the 16 grid, strides on it (as in real use)
-    for dtype, D, causal, transform_on, renorm, mass in variants(quick):
+    for dtype, D, causal, tables, rows, mass in variants(quick):
         q = torch.empty(B, Hq, Q, D, dtype=dtype)
         k = torch.empty(B, Hkv, K, D, dtype=dtype)
-        cat = torch.empty(B, K, dtype=torch.int8)
-        tab = torch.empty(5, NUM_CATEGORIES)
-        row_en = torch.empty(B, Q, dtype=torch.int8)
-        head_en = torch.empty(Hq, dtype=torch.int8)
+        cat = torch.zeros(B, K, dtype=torch.int8)
         lse = torch.empty(B, Hq, Q)
         m = torch.empty(B, Hq, Q, NUM_CATEGORIES) if mass else None
-        flags = dict(scale=0.1, causal=causal, transform_on=transform_on, renorm=renorm)
-        fargs, fmeta = triton_fwd.forward_launch(q, k, k, cat, tab, row_en, head_en, q, lse, m, **flags)
+        tr = CategoryTransform.from_lists(**tables)
+        ops = kernel_operands(tr, cat, torch.ones(B, Q, dtype=torch.bool) if rows else None, None, scale=0.1, Q=Q,
+                              Hq=Hq, need_codes=mass)
+        fargs, fmeta = triton_fwd.forward_launch(q, k, k, ops, q, lse, m, scale=0.1, causal=causal)
         (pargs, pmeta), (kargs, kmeta), (qargs, qmeta) = triton_bwd.backward_launch(
-            q, q, k, k, cat, tab, row_en, head_en, q, lse, m, m, None, lse, lse, q, k, k, **flags)
+            q, q, k, k, ops, q, lse, m, m, None, lse, lse, q, k, k, scale=0.1, causal=causal)
         for bm, bn in blocks:
             jobs = [("fwd", triton_fwd._category_attn_fwd, fargs, dict(fmeta, BLOCK_M=bm, BLOCK_N=bn)),
                     ("dkdv", triton_bwd._attn_bwd_dkdv, kargs, dict(kmeta, BLOCK_M=bn, BLOCK_N=bm)),
@@ -104,7 +108,7 @@ def check(arch: int = 90, quick: bool = False, blocks=((128, 64), (64, 32))):
             for name, kern, a, meta in jobs:
                 ck = compile_kernel(kern, a, dict(meta), arch)
                 results.append(dict(kernel=name, dtype=str(dtype).split(".")[-1], head_dim=D, causal=causal,
-                                    transform=transform_on, renorm=renorm, mass=mass, block=(bm, bn),
+                                    kind=ops.kind.name, rows=rows, mass=mass, block=(bm, bn),
                                     shared_bytes=ck.metadata.shared, cubin_bytes=len(ck.asm["cubin"])))
     return results
 

@@ -2,12 +2,15 @@
 
 With upstream dO (B,Hq,Q,D), optional mass gradient g (B,Hq,Q,8) and optional LSE gradient dlse (B,Hq,Q):
 
-    P'_ij  = wpost_ij * exp(x_ij - lse_i),  Phat_ij = exp(x_ij - lse_i)     (x, wpost: triton_common._transform)
+    P'_ij  = wpost_ij * exp(x_ij - lse_i),  Phat_ij = exp(x_ij - lse_i)     (x, wpost: triton_common._scores / _wpost)
     dP'_ij = dO_i . v_j + g_{c_j}(i)
     Delta_i = dO_i . o_i + sum_c g_c(i) mass_c(i) - dlse_i                   (`_attn_bwd_preprocess`)
     dt_ij  = P'_ij dP'_ij - Phat_ij Delta_i    (renorm / identity: Phat = P', i.e. P'(dP' - Delta);
                                                 raw: Phat = P = softmax(t), the unweighted probabilities)
-    ds_ij  = dt_ij * (mul[c] + absw[c] sign(s_ij)) on enabled rows, dt_ij elsewhere
+    ds_ij  = dt_ij * (mul[c] + absw[c] sign(s_ij)) on enabled rows, dt_ij elsewhere (only the mul / absw kinds
+             multiply; the kernels carry dx/dqk = scale log2(e) dt/ds and rescale by ln 2 at the end)
+    mass gradient: a single-category key tile folds g_c into the row's Delta (Delta - wpost g_c); a mixed tile adds
+             g_{c_j}(i) to dP' through the one-hot dot
     dq_i = scale sum_j ds_ij k_j   (`_attn_bwd_dq`: one program per query block, loops over keys)
     dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P'_ij dO_i, summed over the GROUP query heads of the kv head
                                    (`_attn_bwd_dkdv`: one program per key block, loops over heads and queries)
@@ -26,14 +29,18 @@ from .spec import NUM_CATEGORIES
 from .triton_common import (
     LOG2E,
     MASS_WIDTH,
+    KernelOperands,
     _dot_fp32,
-    _key_tables,
-    _transform,
+    _key_vectors,
+    _scores,
+    _slope,
+    _wpost,
     block_d,
     dot_dtype,
     dot_precision,
     interpreting,
     length_bucket,
+    prune_by_rows,
 )
 
 
@@ -76,20 +83,20 @@ def _attn_bwd_preprocess(O, DO, LSE, MASS, G, DLSE, DELTA, LSE2,  #
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, cat, mul, absw, add2, logw2, w, onehot, head_en,  #
+def _attn_bwd_dkdv_inner(dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en,  #
                          q_base, do_base, ROW_EN_b, LSE2_bh, DELTA_bh, G_bh,  #
                          stride_qm, stride_qd, stride_dom, stride_dod,  #
                          qk_scale, Q_LEN, causal_offset, offs_n, offs_d, lo, hi,  #
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NUM_CAT: tl.constexpr,  #
                          MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
-                         RENORM: tl.constexpr, HAS_MASS_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
+                         ALL_EN: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, RAW_W: tl.constexpr,  #
+                         HAS_MASS_GRAD: tl.constexpr, MASS_PATH: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
                          DOT_PRECISION: tl.constexpr):
     """Accumulate dk, dv (BLOCK_N, BLOCK_D) of one key block over query rows [lo, hi) of one query head.
 
     Tiles are transposed (keys x queries) as in the Triton tutorial: key vectors broadcast as [:, None]."""
     d_in = offs_d < HEAD_DIM
     offs_c = tl.arange(0, MASS_W)
-    key_visible = (cat != 0)[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -98,37 +105,69 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, cat, mul, absw, add2, logw2, w, onehot, h
                      mask=m_in[None, :] & d_in[:, None], other=0.0).to(DOT_DTYPE)
         # rows past Q_LEN get lse2 = +inf, hence probability 0
         lse2 = tl.load(LSE2_bh + offs_m, mask=m_in, other=float("inf"))
-        en = (tl.load(ROW_EN_b + offs_m, mask=m_in, other=0) != 0) & head_en
-        s2T = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-        xT, wpostT, dtdsT = _transform(s2T, en[None, :], mul[:, None], absw[:, None], add2[:, None],
-                                       logw2[:, None], w[:, None], TRANSFORM, RENORM)
-        visible = key_visible
+        if ALL_EN:
+            en = m_in
+        else:
+            en = (tl.load(ROW_EN_b + offs_m, mask=m_in, other=0) != 0) & head_en
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+        xT = _scores(qkT, en[None, :], b_on[:, None], b_off[:, None], ks[:, None], ka[:, None], qk_scale, TRANSFORM,
+                     ALL_EN, HAS_MUL, HAS_ABS)
         if MASK_CAUSAL:
-            visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
-        xT = tl.where(visible, xT, float("-inf"))
+            xT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, xT, float("-inf"))
         phatT = tl.math.exp2(xT - lse2[None, :])
-        if TRANSFORM and not RENORM:
-            ppT = phatT * wpostT
+        if RAW_W:
+            ppT = phatT * _wpost(en[None, :], kw[:, None], ALL_EN)
         else:
             ppT = phatT
         do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=m_in[:, None] & d_in[None, :], other=0.0).to(DOT_DTYPE)
         dv = tl.dot(ppT.to(DOT_DTYPE), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_MASS_GRAD:
-            gT = tl.load(G_bh + offs_m[None, :] * NUM_CAT + offs_c[:, None],
-                         mask=m_in[None, :] & (offs_c[:, None] < NUM_CAT), other=0.0)  # (MASS_W, BLOCK_M)
-            dpT += _dot_fp32(onehot, gT, False, DOT_DTYPE)  # g_{c_j}(i)
         delta = tl.load(DELTA_bh + offs_m, mask=m_in, other=0.0)
+        if HAS_MASS_GRAD:
+            if MASS_PATH == 1:  # static report only: the single-category branch alone
+                delta = _fold_mass_grad(delta, G_bh, offs_m, m_in, code, wc, en, ALL_EN, RAW_W, NUM_CAT)
+            elif MASS_PATH == 2:
+                dpT += _mass_grad_mixed_t(CAT_b, offs_n, n_in, G_bh, offs_m, m_in, offs_c, NUM_CAT, DOT_DTYPE)
+            elif code >= 0:  # single-category key block: g_c folds into the row's delta
+                delta = _fold_mass_grad(delta, G_bh, offs_m, m_in, code, wc, en, ALL_EN, RAW_W, NUM_CAT)
+            else:
+                dpT += _mass_grad_mixed_t(CAT_b, offs_n, n_in, G_bh, offs_m, m_in, offs_c, NUM_CAT, DOT_DTYPE)
         dsT = ppT * dpT - phatT * delta[None, :]
-        if TRANSFORM:
-            dsT = dsT * dtdsT
+        if HAS_MUL or HAS_ABS:
+            dsT = dsT * _slope(qkT, en[None, :], ks[:, None], ka[:, None], qk_scale, ALL_EN, HAS_MUL, HAS_ABS)
         dk = tl.dot(dsT.to(DOT_DTYPE), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, DV,  #
+def _fold_mass_grad(delta, G_bh, offs_m, m_in, code, wc, en, ALL_EN: tl.constexpr, RAW_W: tl.constexpr,
+                    NUM_CAT: tl.constexpr):
+    """Single-category tile (every non-PAD key has category `code`): dP' gains the row constant g_code, and
+    P' dP' - Phat Delta = Phat (wpost dP - (Delta - wpost g_code)), so it folds into the row's delta."""
+    g = tl.load(G_bh + offs_m * NUM_CAT + code, mask=m_in, other=0.0)
+    if RAW_W:
+        if ALL_EN:
+            g = g * wc
+        else:
+            g = g * tl.where(en, wc, 1.0)
+    return delta - g
+
+
+@triton.jit
+def _mass_grad_mixed_t(CAT_b, offs_n, n_in, G_bh, offs_m, m_in, offs_c, NUM_CAT: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) g_{c_j}(i) for a mixed key block: one-hot (BLOCK_N, MASS_W) @ g^T at ~fp32 accuracy
+    (the one-hot is rebuilt here, in the rare mixed branch, rather than held in registers across the loop)."""
+    cat = tl.load(CAT_b + offs_n, mask=n_in, other=0).to(tl.int32)
+    onehot = cat[:, None] == offs_c[None, :]
+    gT = tl.load(G_bh + offs_m[None, :] * NUM_CAT + offs_c[:, None],
+                 mask=m_in[None, :] & (offs_c[:, None] < NUM_CAT), other=0.0)  # (MASS_W, BLOCK_M)
+    return _dot_fp32(onehot, gT, False, DOT_DTYPE)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, DV,  #
                    sm_scale,  #
                    stride_qb, stride_qh, stride_qm, stride_qd,  #
                    stride_kb, stride_kh, stride_kn, stride_kd,  #
@@ -136,7 +175,7 @@ def _attn_bwd_dkdv(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, D
                    stride_dob, stride_doh, stride_dom, stride_dod,  #
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  #
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,  #
-                   stride_cb,  #
+                   stride_cb, stride_kvr, stride_tcb, stride_tcr,  #
                    H_Q, H_KV, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,  #
                    GROUP: tl.constexpr,  # query heads per kv head
                    HEAD_DIM: tl.constexpr,  # D
@@ -146,9 +185,13 @@ def _attn_bwd_dkdv(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, D
                    NUM_CAT: tl.constexpr,  # categories (8)
                    MASS_W: tl.constexpr,  # one-hot width (16)
                    CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
-                   TRANSFORM: tl.constexpr,  # False: identity, no table math
-                   RENORM: tl.constexpr,  # renormalised (True) or raw (False) weights
+                   TRANSFORM: tl.constexpr,  # False: identity, PAD masking only
+                   ALL_EN: tl.constexpr,  # every row and head enabled
+                   HAS_MUL: tl.constexpr,  # some mul != 1
+                   HAS_ABS: tl.constexpr,  # some absw != 0
+                   RAW_W: tl.constexpr,  # raw weights with some w != 1
                    HAS_MASS_GRAD: tl.constexpr,  # G holds a mass gradient
+                   MASS_PATH: tl.constexpr,  # 0: per key block (fold / dot), 2: always the dot
                    DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype
                    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
                    ):
@@ -164,9 +207,15 @@ def _attn_bwd_dkdv(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, D
                 + offs_d[None, :] * stride_kd, mask=nd_in, other=0.0).to(DOT_DTYPE)
     v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=nd_in, other=0.0).to(DOT_DTYPE)
-    cat = tl.load(CAT + off_b.to(tl.int64) * stride_cb + offs_n, mask=n_in, other=0).to(tl.int32)
-    mul, absw, add2, logw2, w = _key_tables(TAB, cat, NUM_CAT, TRANSFORM, RENORM)
-    onehot = cat[:, None] == tl.arange(0, MASS_W)[None, :]
+    b_on, b_off, ks, ka, kw = _key_vectors(KV + off_b.to(tl.int64) * K_LEN, stride_kvr, offs_n, n_in, TRANSFORM,
+                                           ALL_EN, HAS_MUL, HAS_ABS, RAW_W)
+    CAT_b = CAT + off_b.to(tl.int64) * stride_cb
+    if HAS_MASS_GRAD:
+        code = tl.load(TC + off_b.to(tl.int64) * stride_tcb + (BLOCK_N // 16) * stride_tcr + start_n // BLOCK_N)
+        wc = tl.load(WTAB + tl.maximum(code, 0))
+    else:
+        code = 0
+        wc = 1.0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
@@ -187,23 +236,30 @@ def _attn_bwd_dkdv(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, D
         bh = (off_b * H_Q + off_hq).to(tl.int64)
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_hq.to(tl.int64) * stride_qh
         do_base = DO + off_b.to(tl.int64) * stride_dob + off_hq.to(tl.int64) * stride_doh
-        head_en = tl.load(HEAD_EN + off_hq) != 0
+        if ALL_EN:
+            head_en = True
+        else:
+            head_en = tl.load(HEAD_EN + off_hq) != 0
         if CAUSAL:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, cat, mul, absw, add2, logw2, w, onehot, head_en,  #
+                dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en,  #
                 q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
                 stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
                 m_lo, m_mid,  #
-                HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, True, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE,
-                DOT_PRECISION)
+                HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, True, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+                MASS_PATH, DOT_DTYPE, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, cat, mul, absw, add2, logw2, w, onehot, head_en,  #
+            dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en,  #
             q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
             stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
             m_mid, Q_LEN,  #
-            HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+            HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
 
-    dk = dk * sm_scale
+    if HAS_MUL or HAS_ABS:
+        dk = dk * 0.6931471805599453  # ds carried dx/dqk = scale*log2(e)*dt/ds: ln 2 turns it into scale*dt/ds
+    else:
+        dk = dk * sm_scale
     tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_hkv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=nd_in)
     tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_hkv.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
@@ -211,13 +267,14 @@ def _attn_bwd_dkdv(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, D
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, en, lse2, delta, g, offs_m, offs_d,  #
-                       K_ptr, V_ptr, CAT_ptr, TAB,  #
-                       stride_kn, stride_kd, stride_vn, stride_vd,  #
+def _attn_bwd_dq_inner(dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in,  #
+                       K_ptr, V_ptr, KV_ptr, CAT_ptr, TC_ptr, WTAB, G_rows,  #
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr,  #
                        qk_scale, K_LEN, causal_offset, lo, hi,  #
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CAT: tl.constexpr,  #
                        MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
-                       RENORM: tl.constexpr, HAS_MASS_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
+                       ALL_EN: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, RAW_W: tl.constexpr,  #
+                       HAS_MASS_GRAD: tl.constexpr, MASS_PATH: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
                        DOT_PRECISION: tl.constexpr):
     """Accumulate dq (BLOCK_M, BLOCK_D) of one query block over key blocks [lo, hi)."""
     d_in = offs_d < HEAD_DIM
@@ -226,44 +283,62 @@ def _attn_bwd_dq_inner(dq, q, do, en, lse2, delta, g, offs_m, offs_d,  #
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_in = offs_n < K_LEN
-        cat = tl.load(CAT_ptr + offs_n, mask=n_in, other=0).to(tl.int32)
         kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_in[None, :] & d_in[:, None], other=0.0).to(DOT_DTYPE)
         vT = tl.load(V_ptr + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                      mask=n_in[None, :] & d_in[:, None], other=0.0).to(DOT_DTYPE)
-        s2 = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        mul, absw, add2, logw2, w = _key_tables(TAB, cat, NUM_CAT, TRANSFORM, RENORM)
-        x, wpost, dtds = _transform(s2, en[:, None], mul[None, :], absw[None, :], add2[None, :], logw2[None, :],
-                                    w[None, :], TRANSFORM, RENORM)
-        visible = (cat != 0)[None, :]
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        b_on, b_off, ks, ka, kw = _key_vectors(KV_ptr, stride_kvr, offs_n, n_in, TRANSFORM, ALL_EN, HAS_MUL,
+                                               HAS_ABS, RAW_W)
+        x = _scores(qk, en[:, None], b_on[None, :], b_off[None, :], ks[None, :], ka[None, :], qk_scale, TRANSFORM,
+                    ALL_EN, HAS_MUL, HAS_ABS)
         if MASK_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        x = tl.where(visible, x, float("-inf"))
+            x = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, x, float("-inf"))
         phat = tl.math.exp2(x - lse2[:, None])
-        if TRANSFORM and not RENORM:
-            pp = phat * wpost
+        if RAW_W:
+            pp = phat * _wpost(en[:, None], kw[None, :], ALL_EN)
         else:
             pp = phat
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        delta_t = delta
         if HAS_MASS_GRAD:
-            onehotT = offs_c[:, None] == cat[None, :]  # (MASS_W, BLOCK_N)
-            dp += _dot_fp32(g, onehotT, True, DOT_DTYPE)  # g_{c_j}(i)
-        ds = pp * dp - phat * delta[:, None]
-        if TRANSFORM:
-            ds = ds * dtds
+            if MASS_PATH == 1:  # static report only: the single-category branch alone
+                code = tl.load(TC_ptr + start_n // BLOCK_N)
+                delta_t = _fold_mass_grad(delta, G_rows, offs_m, m_in, code, tl.load(WTAB + code), en, ALL_EN,
+                                          RAW_W, NUM_CAT)
+            elif MASS_PATH == 2:
+                dp += _mass_grad_mixed(g, CAT_ptr, offs_n, n_in, offs_c, DOT_DTYPE)
+            else:
+                code = tl.load(TC_ptr + start_n // BLOCK_N)
+                if code >= 0:
+                    delta_t = _fold_mass_grad(delta, G_rows, offs_m, m_in, code, tl.load(WTAB + code), en, ALL_EN,
+                                              RAW_W, NUM_CAT)
+                else:
+                    dp += _mass_grad_mixed(g, CAT_ptr, offs_n, n_in, offs_c, DOT_DTYPE)
+        ds = pp * dp - phat * delta_t[:, None]
+        if HAS_MUL or HAS_ABS:
+            ds = ds * _slope(qk, en[:, None], ks[None, :], ka[None, :], qk_scale, ALL_EN, HAS_MUL, HAS_ABS)
         dq = tl.dot(ds.to(DOT_DTYPE), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
+def _mass_grad_mixed(g, CAT_ptr, offs_n, n_in, offs_c, DOT_DTYPE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) g_{c_j}(i) for a mixed key block: g (BLOCK_M, MASS_W) @ one-hot^T at ~fp32 accuracy."""
+    cat = tl.load(CAT_ptr + offs_n, mask=n_in, other=0).to(tl.int32)
+    onehotT = offs_c[:, None] == cat[None, :]  # (MASS_W, BLOCK_N)
+    return _dot_fp32(g, onehotT, True, DOT_DTYPE)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
                  sm_scale,  #
                  stride_qb, stride_qh, stride_qm, stride_qd,  #
                  stride_kb, stride_kh, stride_kn, stride_kd,  #
                  stride_vb, stride_vh, stride_vn, stride_vd,  #
                  stride_dob, stride_doh, stride_dom, stride_dod,  #
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,  #
-                 stride_cb,  #
+                 stride_cb, stride_kvr, stride_tcb, stride_tcr,  #
                  H_Q, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,  #
                  GROUP: tl.constexpr,  # query heads per kv head
                  HEAD_DIM: tl.constexpr,  # D
@@ -273,9 +348,13 @@ def _attn_bwd_dq(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
                  NUM_CAT: tl.constexpr,  # categories (8)
                  MASS_W: tl.constexpr,  # one-hot width (16)
                  CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
-                 TRANSFORM: tl.constexpr,  # False: identity, no table math
-                 RENORM: tl.constexpr,  # renormalised (True) or raw (False) weights
+                 TRANSFORM: tl.constexpr,  # False: identity, PAD masking only
+                 ALL_EN: tl.constexpr,  # every row and head enabled
+                 HAS_MUL: tl.constexpr,  # some mul != 1
+                 HAS_ABS: tl.constexpr,  # some absw != 0
+                 RAW_W: tl.constexpr,  # raw weights with some w != 1
                  HAS_MASS_GRAD: tl.constexpr,  # G holds a mass gradient
+                 MASS_PATH: tl.constexpr,  # 0: per key block (fold / dot), 2: always the dot
                  DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype
                  DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
                  ):
@@ -295,7 +374,10 @@ def _attn_bwd_dq(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
     rows = off_bh.to(tl.int64) * Q_LEN + offs_m
     lse2 = tl.load(LSE2 + rows, mask=m_in, other=float("inf"))
     delta = tl.load(DELTA + rows, mask=m_in, other=0.0)
-    en = (tl.load(ROW_EN + off_b * Q_LEN + offs_m, mask=m_in, other=0) != 0) & (tl.load(HEAD_EN + off_hq) != 0)
+    if ALL_EN:
+        en = m_in
+    else:
+        en = (tl.load(ROW_EN + off_b * Q_LEN + offs_m, mask=m_in, other=0) != 0) & (tl.load(HEAD_EN + off_hq) != 0)
     if HAS_MASS_GRAD:
         offs_c = tl.arange(0, MASS_W)
         g = tl.load(G + rows[:, None] * NUM_CAT + offs_c[None, :], mask=m_in[:, None] & (offs_c[None, :] < NUM_CAT),
@@ -305,6 +387,9 @@ def _attn_bwd_dq(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
     cat_base = CAT + off_b.to(tl.int64) * stride_cb
+    kv_base = KV + off_b.to(tl.int64) * K_LEN
+    tc_base = TC + off_b.to(tl.int64) * stride_tcb + (BLOCK_N // 16) * stride_tcr
+    g_rows = G + off_bh.to(tl.int64) * Q_LEN * NUM_CAT
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
     causal_offset = K_LEN - Q_LEN
@@ -314,44 +399,58 @@ def _attn_bwd_dq(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
         diag_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), K_LEN)
         diag_lo = tl.minimum(diag_lo, diag_hi)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, en, lse2, delta, g, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, diag_lo,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+            dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+            g_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0,
+            diag_lo,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, en, lse2, delta, g, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, diag_lo, diag_hi,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, True, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+            dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+            g_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, diag_lo,
+            diag_hi,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, True, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
     else:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, en, lse2, delta, g, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, K_LEN,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, HAS_MASS_GRAD, DOT_DTYPE, DOT_PRECISION)
+            dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+            g_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0, K_LEN,
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
 
-    dq = dq * sm_scale
+    if HAS_MUL or HAS_ABS:
+        dq = dq * 0.6931471805599453  # see _attn_bwd_dkdv
+    else:
+        dq = dq * sm_scale
     tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_hq.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=md_in)
 
 
-def _bwd_configs(big: str, small: str):
-    """Tile configs: the program's own dimension (`big`) is the larger one, as in the tutorial's backward."""
-    configs = [
-        triton.Config({big: b, small: s}, num_stages=st, num_warps=w)
-        for b in (64, 128) for s in (32, 64) for st in (2, 3) for w in (4, 8)
-    ]
-    return [c for c in configs if not (c.kwargs[big] * c.kwargs[small] < 128 * 64 and c.num_warps == 8)]
+# Autotune spaces (sm_90: spill-free and within shared memory per bench/kernel_static.py). The program's own
+# dimension is the larger one, as in the tutorial's backward; the first fitting config is the pinned default.
+DKDV_CONFIGS = [  # 128 keys x 16 rows: dk + dv (128 x 128 fp32 each) already take 128 registers per thread at
+    # 8 warps; 32-row steps spill 4-52 B (bench/RESULTS.md), so they are left out
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 16}, num_stages=2, num_warps=8),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 16}, num_stages=3, num_warps=8),
+]
+DQ_CONFIGS = [  # (64 x 32 / 4 warps spills 4 B for the general kind: left out)
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_stages=2, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_stages=2, num_warps=4),
+]
 
-
-_BWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "RENORM", "HAS_MASS_GRAD",
-                 "DOT_DTYPE"]
-_attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs("BLOCK_N", "BLOCK_M"), key=_BWD_TUNE_KEY)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs("BLOCK_M", "BLOCK_N"), key=_BWD_TUNE_KEY)(_attn_bwd_dq)
+_BWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "ALL_EN", "HAS_MUL", "HAS_ABS",
+                 "RAW_W", "HAS_MASS_GRAD", "DOT_DTYPE"]
+_attn_bwd_dkdv_tuned = triton.autotune(configs=DKDV_CONFIGS, key=_BWD_TUNE_KEY, prune_configs_by={
+    "early_config_prune": prune_by_rows("BLOCK_N", "K_LEN")})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=_BWD_TUNE_KEY, prune_configs_by={
+    "early_config_prune": prune_by_rows("BLOCK_M", "Q_LEN")})(_attn_bwd_dq)
 
 INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 PREPROCESS_BLOCK_M = 64
 
 
-def backward_launch(do, q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, dmass, dlse, delta, lse2,
-                    dq, dk, dv, *, scale: float, causal: bool, transform_on: bool, renorm: bool):
+def backward_launch(do, q, k, v, ops: KernelOperands, out, lse, mass, dmass, dlse, delta, lse2, dq, dk, dv, *,
+                    scale: float, causal: bool, mass_path: int = 0):
     """Launch arguments of the three backward kernels: ((pre_args, pre_meta), (dkdv_args, meta), (dq_args, meta)).
 
     `meta` lacks BLOCK_M / BLOCK_N (autotuned or pinned by the caller); delta, lse2 (B,Hq,Q) fp32 are outputs of
@@ -367,23 +466,24 @@ def backward_launch(do, q, k, v, cat, tables, row_enable, head_enable, out, lse,
                     HAS_MASS_GRAD=has_mass_grad, HAS_LSE_GRAD=dlse is not None)
     ddt = dot_dtype(q.dtype)
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=bd, NUM_CAT=NUM_CATEGORIES, MASS_W=MASS_WIDTH,
-                CAUSAL=bool(causal), TRANSFORM=bool(transform_on), RENORM=bool(renorm), HAS_MASS_GRAD=has_mass_grad,
+                CAUSAL=bool(causal), **ops.flags(), HAS_MASS_GRAD=has_mass_grad, MASS_PATH=int(mass_path),
                 DOT_DTYPE=ddt, DOT_PRECISION=dot_precision(ddt))
-    common = (q, k, v, cat, tables, row_enable, head_enable, do, lse2, delta, g)
+    common = (q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, do, lse2, delta, g)
+    op_strides = (ops.cat.stride(0), ops.kv.stride(0), ops.tc.stride(0), ops.tc.stride(1))
     dkdv_args = (*common, dk, dv, float(scale), *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-                 *dv.stride(), cat.stride(0), Hq, Hkv, Q, K, length_bucket(Q), length_bucket(K))
+                 *dv.stride(), *op_strides, Hq, Hkv, Q, K, length_bucket(Q), length_bucket(K))
     dq_args = (*common, dq, float(scale), *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-               cat.stride(0), Hq, Q, K, length_bucket(Q), length_bucket(K))
+               *op_strides, Hq, Q, K, length_bucket(Q), length_bucket(K))
     return (pre_args, pre_meta), (dkdv_args, meta), (dq_args, meta)
 
 
-def attention_backward(do, q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, dmass, dlse, *,
-                       scale: float, causal: bool, transform_on: bool, renorm: bool, block_m: int | None = None,
-                       block_n: int | None = None):
+def attention_backward(do, q, k, v, ops: KernelOperands, out, lse, mass, dmass, dlse, *, scale: float, causal: bool,
+                       block_m: int | None = None, block_n: int | None = None, mass_path: int = 0):
     """Gradients (dq, dk, dv) shaped and typed like (q, k, v).
 
     do (B,Hq,Q,D) upstream of out; dmass (B,Hq,Q,NUM_CATEGORIES) or None (mass unused); dlse (B,Hq,Q) or None.
-    The other arguments are the forward's inputs and outputs (`triton_fwd.attention_forward`).
+    The other arguments are the forward's inputs and outputs (`triton_fwd.attention_forward`); a mass gradient
+    needs `ops` built with tile codes.
     """
     B, Hq, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
@@ -398,8 +498,8 @@ def attention_backward(do, q, k, v, cat, tables, row_enable, head_enable, out, l
     delta = triton_common.new_output(lse.shape, torch.float32, lse.device)
     lse2 = triton_common.new_output(lse.shape, torch.float32, lse.device)
     (pre_args, pre_meta), (dkdv_args, meta), (dq_args, _) = backward_launch(
-        do, q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, dmass, dlse, delta, lse2, dq, dk, dv,
-        scale=scale, causal=causal, transform_on=transform_on, renorm=renorm)
+        do, q, k, v, ops, out, lse, mass, dmass, dlse, delta, lse2, dq, dk, dv, scale=scale, causal=causal,
+        mass_path=mass_path)
     _attn_bwd_preprocess[(triton.cdiv(Q, PREPROCESS_BLOCK_M), B * Hq)](*pre_args, **pre_meta)
     if block_m is None and not interpreting():
         _attn_bwd_dkdv_tuned[lambda META: (triton.cdiv(K, META["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)

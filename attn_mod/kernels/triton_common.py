@@ -1,25 +1,28 @@
 """Pieces shared by the Triton forward (`triton_fwd.py`) and backward (`triton_bwd.py`) kernels.
 
-Device helpers (all element-wise on broadcastable tiles, fp32):
-  `_key_tables`      per-key transform values gathered from the (5, NUM_CAT) table by key category
-  `_transform`       s2 -> (exponent x, post-softmax weight, dt/ds); the operator's transform in log2 units
+Device helpers (element-wise on broadcastable tiles, fp32):
+  `_key_vectors`     per-key values (bias on / off, slope, abs, w) of a key tile from the (KV_ROWS, B, K) table
+  `_scores`          raw dot products -> exponent x in log2 units (the transform kind picks the terms)
+  `_slope`, `_wpost` dx/dqk for the backward (mul / absw kinds) and the raw-mode post-softmax weight
   `_dot_fp32`        a @ b where one operand is fp32 data and the other a 0/1 one-hot tile, at ~fp32 accuracy
-Host helpers: the packed table layout, interpreter detection and operand dtypes.
+Host helpers: `kernel_operands` (per-key values, tile codes, enables, kind flags: device ops only),
+`key_table` (cached per transform, scale and device), `tile_codes`, config pruning / pinning, operand dtypes.
 
-Units: every score inside the kernels is in log2 units, s2 = scale * log2(e) * q.k, so exp2 replaces exp;
-add and log w are pre-multiplied by log2(e) in the table. LSE is stored in natural-log units (spec.py).
+Units: every score inside the kernels is in log2 units, x = scale * log2(e) * q.k (+ transform), so exp2 replaces
+exp; add, log w and the scale are folded into the per-key table. LSE is stored in natural-log units (spec.py).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .spec import NUM_CATEGORIES, CategoryTransform
+from .spec import NUM_CATEGORIES, CategoryTransform, TransformKind, transform_kind
 
 LOG2E = 1.4426950408889634  # 1 / ln 2
 LN2 = 0.6931471805599453
@@ -28,6 +31,9 @@ MASS_WIDTH = 16  # one-hot width for the mass / mass-gradient dots: NUM_CATEGORI
 # Rows of the packed table (TABLE_ROWS, NUM_CATEGORIES) fp32 the kernels read.
 ROW_MUL, ROW_ABSW, ROW_ADD2, ROW_LOGW2, ROW_W = range(5)
 TABLE_ROWS = 5
+# Rows of the per-key table the kernels read (`key_table` / `key_values`): per-category values with the scale folded in.
+KV_BIAS_ON, KV_BIAS_OFF, KV_SLOPE, KV_ABS, KV_W = 0, 1, 2, 3, 4
+KV_ROWS = 5
 
 
 # Debug: fill every kernel output buffer with NaN before launch, so an element a kernel forgets to write shows up
@@ -45,14 +51,150 @@ def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_transform, InterpretedFunction)
+    return isinstance(_scores, InterpretedFunction)
 
 
 def pack_tables(transform: CategoryTransform, device) -> torch.Tensor:
-    """(TABLE_ROWS, NUM_CATEGORIES) fp32: mul, absw, add*log2(e), log2(w) (-inf where w == 0), w."""
+    """(TABLE_ROWS, NUM_CATEGORIES) fp32: mul, absw, add*log2(e), log2(w) (-inf where w == 0), w (a debugging view
+    of the tables in log2 units; the kernels read `key_table` instead)."""
     tr = transform.to(device)
     with torch.no_grad():
         return torch.stack([tr.mul, tr.absw, tr.add * LOG2E, torch.log2(tr.w), tr.w]).contiguous()
+
+
+def key_table(transform: CategoryTransform, scale: float, device) -> torch.Tensor:
+    """(KV_ROWS, NUM_CATEGORIES) fp32 on `device`: the per-category values the kernels read per key, with the
+    score scale folded in (rows KV_BIAS_ON, KV_BIAS_OFF, KV_SLOPE, KV_ABS, KV_W; PAD = code 0 has bias -inf).
+    Built once per (transform, scale, device) and cached on the transform object (no per-call table copies)."""
+    cache = transform.__dict__.setdefault("_kernel_cache", {})
+    key = ("key_table", torch.device(device), float(scale))
+    tab = cache.get(key)
+    if tab is None:
+        kind = transform_kind(transform)
+        with torch.no_grad():
+            mul, absw, add, w = (getattr(transform, n).detach().to(device=device, dtype=torch.float32)
+                                 for n in ("mul", "absw", "add", "w"))
+            qk_scale = float(scale) * LOG2E
+            bias_on = add * LOG2E + (torch.log2(w) if kind.renorm else 0.0)
+            bias_off = torch.zeros_like(add)
+            pad = torch.arange(NUM_CATEGORIES, device=device) == 0
+            bias_on = torch.where(pad, float("-inf"), bias_on)
+            bias_off = torch.where(pad, float("-inf"), bias_off)
+            tab = torch.stack([bias_on, bias_off, mul * qk_scale, absw * qk_scale, w]).contiguous()
+        cache[key] = tab
+    return tab
+
+
+def key_values(table: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+    """(KV_ROWS, B, K) fp32 per-key values: `table` (from `key_table`) gathered by the (B, K) key categories.
+    A category outside 0..7 fails inside index_select (a device-side assert on CUDA; no host sync here)."""
+    B, K = cat.shape
+    return table.index_select(1, cat.reshape(-1).long()).view(KV_ROWS, B, K)
+
+
+def tile_codes(cat: torch.Tensor) -> torch.Tensor:
+    """(B, 9, cdiv(K, 16)) int32: for a key tile of BLOCK_N = 16 * 2**l keys starting at t * BLOCK_N, row
+    BLOCK_N // 16 (1, 2, 4 or 8) column t holds the tile's one category when all its non-PAD keys share it (0 for
+    an all-PAD tile) and -1 for a mixed tile (the mass fast path: a single-category tile adds the row sum the
+    softmax already has to that one category). Other rows are unused."""
+    B, K = cat.shape
+    T = triton.cdiv(max(K, 1), 128) * 8  # whole 128-key groups of 16-key chunks
+    c = torch.zeros(B, T * 16, dtype=torch.int32, device=cat.device)
+    c[:, :K] = cat.to(torch.int32)
+    c = c.view(B, T, 16)
+    cmax = c.amax(dim=2)
+    cmin = torch.where(c == 0, 127, c).amin(dim=2)
+    level = torch.where(cmin >= cmax, cmax, -1)  # 16-key chunks
+    out = torch.full((B, 9, T), -1, dtype=torch.int32, device=cat.device)
+    out[:, 1] = level
+    for row in (2, 4, 8):
+        a, b = level[:, 0::2], level[:, 1::2]
+        level = torch.where(a == 0, b, torch.where((b == 0) | (a == b), a, -1))
+        out[:, row, : level.shape[1]] = level
+    return out
+
+
+@dataclass
+class KernelOperands:
+    """Device tensors and compile-time flags one operator call hands to the kernels (`kernel_operands`).
+
+    cat (B, K) int8/int32 key categories (stride 1 along K), kv (KV_ROWS, B, K) fp32 per-key values, tc tile codes
+    (`tile_codes`, or a 1-element dummy without masses), wtab (NUM_CATEGORIES,) fp32 weights w, row_en (B, Q) int8
+    and head_en (Hq,) int8 (1-element dummies when all_en)."""
+
+    kind: TransformKind
+    all_en: bool
+    cat: torch.Tensor
+    kv: torch.Tensor
+    tc: torch.Tensor
+    wtab: torch.Tensor
+    row_en: torch.Tensor
+    head_en: torch.Tensor
+
+    def flags(self) -> dict:
+        k = self.kind
+        return dict(TRANSFORM=k.transform, ALL_EN=self.all_en or not k.transform, HAS_MUL=k.has_mul,
+                    HAS_ABS=k.has_abs, RAW_W=k.raw_w)
+
+    def tensors(self) -> tuple:
+        return self.cat, self.kv, self.tc, self.wtab, self.row_en, self.head_en
+
+    def with_tensors(self, tensors) -> KernelOperands:
+        return KernelOperands(self.kind, self.all_en, *tensors)
+
+
+def kernel_operands(transform: CategoryTransform, cat: torch.Tensor, row_enable, head_enable, *, scale: float,
+                    Q: int, Hq: int, need_codes: bool) -> KernelOperands:
+    """Everything but q/k/v the kernels read, built with device ops only (no host sync, no host->device copy after
+    the first call with a transform: its key table is cached on it). row_enable (B, Q) / head_enable (Hq,) bool or
+    None (None for both, or an identity transform, selects the all-enabled fast path)."""
+    dev = cat.device
+    kind = transform_kind(transform)
+    table = key_table(transform, scale, dev)
+    if cat.dtype == torch.bool:
+        cat = cat.to(torch.int8)
+    if cat.shape[1] and cat.stride(1) != 1:
+        cat = cat.contiguous()
+    all_en = row_enable is None and head_enable is None
+    dummy = torch.ones(1, dtype=torch.int8, device=dev)
+    B = cat.shape[0]
+    row_en = dummy if all_en else (torch.ones(B, Q, dtype=torch.int8, device=dev) if row_enable is None
+                                   else row_enable.to(device=dev, dtype=torch.int8).contiguous())
+    head_en = dummy if all_en else (torch.ones(Hq, dtype=torch.int8, device=dev) if head_enable is None
+                                    else head_enable.to(device=dev, dtype=torch.int8).contiguous())
+    tc = tile_codes(cat) if need_codes else torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
+    return KernelOperands(kind, all_en, cat, key_values(table, cat), tc, table[KV_W], row_en, head_en)
+
+
+def pinned_configs() -> bool:
+    """ATTN_MOD_TRITON_CONFIG=pinned: use each kernel's first fitting config instead of autotuning (tests, quick
+    benchmarks, the one-shot GPU check)."""
+    val = os.environ.get("ATTN_MOD_TRITON_CONFIG", "autotune")
+    if val not in ("autotune", "pinned"):
+        raise ValueError(f"ATTN_MOD_TRITON_CONFIG={val!r}: use 'autotune' (default) or 'pinned'")
+    return val == "pinned"
+
+
+def prune_by_rows(block_name: str, length_arg: str = "Q_LEN"):
+    """An autotune `early_config_prune`: drop configs whose `block_name` exceeds the padded `length_arg` (never
+    more rows per program than the problem has; keeps the smallest such block when all exceed it); with
+    ATTN_MOD_TRITON_CONFIG=pinned keep only the first survivor."""
+
+    def prune(configs, named_args, **kwargs):
+        n = triton.next_power_of_2(max(int(named_args[length_arg]), 1))
+        fit = [c for c in configs if c.kwargs[block_name] <= max(n, 16)]
+        if not fit:
+            smallest = min(c.kwargs[block_name] for c in configs)
+            fit = [c for c in configs if c.kwargs[block_name] == smallest]
+        return fit[:1] if pinned_configs() else fit
+
+    return prune
+
+
+def mass_dtype(ddt):
+    """Operand dtype of the mixed-tile mass dot: fp16 on tensor cores (P' in [0, 1] keeps 11 bits, better than
+    bf16's 8), fp32 where the dots are fp32 (interpreter / fp32 inputs)."""
+    return tl.float32 if ddt == tl.float32 else tl.float16
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -95,54 +237,83 @@ assert NUM_CATEGORIES <= MASS_WIDTH and math.log2(MASS_WIDTH).is_integer()
 
 
 @triton.jit
-def _key_tables(TAB, cat, NUM_CAT: tl.constexpr, TRANSFORM: tl.constexpr, RENORM: tl.constexpr):
-    """Gather the transform values of keys with categories `cat` (any int tile) from TAB (5, NUM_CAT) fp32.
-
-    Returns (mul, absw, add2, logw2, w) shaped like `cat`; unneeded entries are 0 (TRANSFORM off) or unused."""
+def _key_vectors(KV, KVS, offs_n, n_in, TRANSFORM: tl.constexpr, ALL_EN: tl.constexpr, HAS_MUL: tl.constexpr,
+                 HAS_ABS: tl.constexpr, RAW_W: tl.constexpr):
+    """Per-key values of keys `offs_n` from the (KV_ROWS, K) rows of one sample (row stride KVS), each shaped like
+    offs_n: (bias_on, bias_off, slope_on, abs_on, w). Keys past the end (n_in False) get bias -inf. Rows a kind
+    does not use are not loaded (zeros, removed by the compiler)."""
+    b_off = tl.load(KV + KVS * 1 + offs_n, mask=n_in, other=float("-inf"))
+    zero = tl.zeros_like(b_off)
+    b_on = b_off
+    ks = zero
+    ka = zero
+    kw = zero
     if TRANSFORM:
-        mul = tl.load(TAB + 0 * NUM_CAT + cat)
-        absw = tl.load(TAB + 1 * NUM_CAT + cat)
-        add2 = tl.load(TAB + 2 * NUM_CAT + cat)
-        if RENORM:
-            logw2 = tl.load(TAB + 3 * NUM_CAT + cat)
-            w = tl.zeros(cat.shape, dtype=tl.float32)
-        else:
-            logw2 = tl.zeros(cat.shape, dtype=tl.float32)
-            w = tl.load(TAB + 4 * NUM_CAT + cat)
-    else:
-        mul = tl.zeros(cat.shape, dtype=tl.float32)
-        absw = tl.zeros(cat.shape, dtype=tl.float32)
-        add2 = tl.zeros(cat.shape, dtype=tl.float32)
-        logw2 = tl.zeros(cat.shape, dtype=tl.float32)
-        w = tl.zeros(cat.shape, dtype=tl.float32)
-    return mul, absw, add2, logw2, w
+        b_on = tl.load(KV + KVS * 0 + offs_n, mask=n_in, other=float("-inf"))
+        if HAS_MUL:
+            ks = tl.load(KV + KVS * 2 + offs_n, mask=n_in, other=0.0)
+        if HAS_ABS:
+            ka = tl.load(KV + KVS * 3 + offs_n, mask=n_in, other=0.0)
+        if RAW_W:
+            kw = tl.load(KV + KVS * 4 + offs_n, mask=n_in, other=0.0)
+    return b_on, b_off, ks, ka, kw
 
 
 @triton.jit
-def _transform(s2, en, mul, absw, add2, logw2, w, TRANSFORM: tl.constexpr, RENORM: tl.constexpr):
-    """The operator's transform on a score tile (log2 units); all arguments broadcast against s2.
+def _scores(qk, en, b_on, b_off, ks, ka, qk_scale, TRANSFORM: tl.constexpr, ALL_EN: tl.constexpr,
+            HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
+    """Exponent tile x (log2 units, -inf for PAD / out-of-range keys) from raw dot products qk; every argument
+    broadcasts against qk (en: rows, the others: keys).
 
-    s2 = scale*log2(e)*q.k; en: True where the (row, head) has the transform on.
-    Returns x   exponent: t2 (+ log2 w on enabled renorm rows), where t2 = mul*s2 + absw*|s2| + add2 on enabled
-                rows and s2 elsewhere;  P'_ij = wpost * exp2(x - lse2_i),
-            wpost  w on enabled raw rows, else 1 (only meaningful when TRANSFORM and not RENORM),
-            dtds   dt/ds = mul + absw*sign(s) on enabled rows, else 1.
-    """
+        x = qk*slope + |qk|*absk + bias,  slope = scale*log2(e)*mul[c], absk = scale*log2(e)*absw[c],
+        bias = log2(e)*add[c] (+ log2 w[c] with renorm)             on enabled rows,
+        x = qk*scale*log2(e) + 0                                     elsewhere (identity),
+    so the bias kind (mul = 1, absw = 0) costs one FFMA per element, as identity does."""
     if TRANSFORM:
-        t2 = mul * s2 + absw * tl.abs(s2) + add2
-        x = tl.where(en, t2, s2)
-        sign = tl.where(s2 > 0, 1.0, tl.where(s2 < 0, -1.0, 0.0))
-        dtds = tl.where(en, mul + absw * sign, 1.0)
-        if RENORM:
-            x = x + tl.where(en, logw2, 0.0)
-            wpost = tl.where(en, 1.0, 1.0)
+        if ALL_EN:
+            bias = b_on
         else:
-            wpost = tl.where(en, w, 1.0)
+            bias = tl.where(en, b_on, b_off)
+        if HAS_MUL:
+            if ALL_EN:
+                x = qk * ks + bias
+            else:
+                x = qk * tl.where(en, ks, qk_scale) + bias
+        else:
+            x = qk * qk_scale + bias
+        if HAS_ABS:
+            if ALL_EN:
+                x = x + tl.abs(qk) * ka
+            else:
+                x = x + tl.abs(qk) * tl.where(en, ka, 0.0)
     else:
-        x = s2
-        dtds = tl.where(en, 1.0, 1.0)
-        wpost = dtds
-    return x, wpost, dtds
+        x = qk * qk_scale + b_off
+    return x
+
+
+@triton.jit
+def _slope(qk, en, ks, ka, qk_scale, ALL_EN: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
+    """dx/dqk = scale*log2(e)*(mul[c] + absw[c]*sign(qk)) on enabled rows, scale*log2(e) elsewhere
+    (only for kinds with mul or absw; the backward multiplies by ln 2 at the end)."""
+    if HAS_MUL:
+        sl = ks
+    else:
+        sl = tl.zeros_like(ka) + qk_scale
+    if HAS_ABS:
+        sl = sl + tl.where(qk > 0, ka, tl.where(qk < 0, -ka, 0.0))
+    if not ALL_EN:
+        sl = tl.where(en, sl, qk_scale)
+    return sl
+
+
+@triton.jit
+def _wpost(en, kw, ALL_EN: tl.constexpr):
+    """Raw-mode post-softmax weight w[c] on enabled rows, 1 elsewhere (P' = wpost * P)."""
+    if ALL_EN:
+        wp = kw
+    else:
+        wp = tl.where(en, kw, 1.0)
+    return wp
 
 
 @triton.jit

@@ -21,26 +21,30 @@ from .triton_common import (
     LN2,
     LOG2E,
     MASS_WIDTH,
-    _dot_fp32,
-    _key_tables,
-    _transform,
+    _key_vectors,
+    _scores,
+    _wpost,
+    KernelOperands,
     block_d,
     dot_dtype,
     dot_precision,
     interpreting,
     length_bucket,
+    mass_dtype,
+    prune_by_rows,
 )
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d,  #
-                    K_ptr, V_ptr, CAT_ptr, TAB,  #
-                    stride_kn, stride_kd, stride_vn, stride_vd,  #
+                    K_ptr, V_ptr, KV_ptr, CAT_ptr, TC_ptr, WTAB,  #
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr,  #
                     qk_scale, K_LEN, causal_offset, lo, hi,  #
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CAT: tl.constexpr,  #
-                    MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
-                    RENORM: tl.constexpr, RETURN_MASS: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
-                    DOT_PRECISION: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASS_W: tl.constexpr,  #
+                    MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr, ALL_EN: tl.constexpr,  #
+                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, RAW_W: tl.constexpr,  #
+                    RETURN_MASS: tl.constexpr, MASS_PATH: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
+                    MASS_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold key blocks [lo, hi) into the running (acc, l_i, m_i, mass_acc) of one query block."""
     d_in = offs_d < HEAD_DIM
     offs_c = tl.arange(0, MASS_W)
@@ -48,59 +52,94 @@ def _attn_fwd_inner(acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d,  #
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_in = offs_n < K_LEN
-        # keys past K_LEN load category 0 = PAD, so they are masked like padding
-        cat = tl.load(CAT_ptr + offs_n, mask=n_in, other=0).to(tl.int32)
         kT = tl.load(K_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_in[None, :] & d_in[:, None], other=0.0)
         qk = tl.dot(q, kT.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        s2 = qk * qk_scale
-        mul, absw, add2, logw2, w = _key_tables(TAB, cat, NUM_CAT, TRANSFORM, RENORM)
-        x, wpost, dtds = _transform(s2, en[:, None], mul[None, :], absw[None, :], add2[None, :], logw2[None, :],
-                                    w[None, :], TRANSFORM, RENORM)
-        visible = (cat != 0)[None, :]
+        # per-key values in the score tile's layout (PAD and keys past K_LEN: bias -inf)
+        b_on, b_off, ks, ka, kw = _key_vectors(KV_ptr, stride_kvr, offs_n, n_in, TRANSFORM, ALL_EN, HAS_MUL,
+                                               HAS_ABS, RAW_W)
+        x = _scores(qk, en[:, None], b_on[None, :], b_off[None, :], ks[None, :], ka[None, :], qk_scale, TRANSFORM,
+                    ALL_EN, HAS_MUL, HAS_ABS)
         if MASK_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        x = tl.where(visible, x, float("-inf"))
+            x = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, x, float("-inf"))
         # -- online softmax; m_safe keeps exp2 finite while a row has seen nothing visible yet
         m_ij = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
         p = tl.math.exp2(x - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if TRANSFORM and not RENORM:
-            p = p * wpost  # raw mode: P' = w * P, the denominator stays unweighted
+        row_sum = tl.sum(p, 1)
+        l_i = l_i * alpha + row_sum
+        if RAW_W:
+            p = p * _wpost(en[:, None], kw[None, :], ALL_EN)  # raw mode: P' = w * P, the denominator stays unweighted
         v = tl.load(V_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_in[:, None] & d_in[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         if RETURN_MASS:
-            onehot = cat[:, None] == offs_c[None, :]  # (BLOCK_N, MASS_W); PAD lands in column 0 with p = 0
-            mass_acc = mass_acc * alpha[:, None] + _dot_fp32(p, onehot, True, DOT_DTYPE)
+            mass_acc = mass_acc * alpha[:, None]
+            if MASS_PATH == 1:  # static report only: every tile single-category
+                mass_acc = _mass_single(mass_acc, row_sum, en, tl.load(TC_ptr + start_n // BLOCK_N), WTAB, offs_c,
+                                        ALL_EN, RAW_W)
+            elif MASS_PATH == 2:  # always the one-hot dot (tests: the mixed-tile path on any tile)
+                mass_acc = _mass_mixed(mass_acc, p, CAT_ptr, offs_n, n_in, offs_c, MASS_DTYPE)
+            else:
+                code = tl.load(TC_ptr + start_n // BLOCK_N)
+                if code >= 0:
+                    mass_acc = _mass_single(mass_acc, row_sum, en, code, WTAB, offs_c, ALL_EN, RAW_W)
+                else:
+                    mass_acc = _mass_mixed(mass_acc, p, CAT_ptr, offs_n, n_in, offs_c, MASS_DTYPE)
         m_i = m_ij
     return acc, l_i, m_i, mass_acc
 
 
 @triton.jit
-def _category_attn_fwd(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
+def _mass_single(mass_acc, row_sum, en, code, WTAB, offs_c, ALL_EN: tl.constexpr, RAW_W: tl.constexpr):
+    """A tile whose non-PAD keys all have category `code`: its P' row sums (the softmax's own row sums, times w[code]
+    on enabled raw-mode rows) go to that one category; no per-element work."""
+    if RAW_W:
+        wc = tl.load(WTAB + code)
+        if ALL_EN:
+            row_sum = row_sum * wc
+        else:
+            row_sum = row_sum * tl.where(en, wc, 1.0)
+    return mass_acc + tl.where(offs_c[None, :] == code, row_sum[:, None], 0.0)
+
+
+@triton.jit
+def _mass_mixed(mass_acc, p, CAT_ptr, offs_n, n_in, offs_c, MASS_DTYPE: tl.constexpr):
+    """A tile with several categories: one dot of P' with the keys' one-hot categories (MASS_DTYPE fp16 on a GPU:
+    P' in [0, 1] keeps 11 bits; fp32 'ieee' in the interpreter). PAD / out-of-range keys have P' = 0."""
+    cat = tl.load(CAT_ptr + offs_n, mask=n_in, other=0).to(tl.int32)
+    onehot = (cat[:, None] == offs_c[None, :]).to(MASS_DTYPE)
+    return tl.dot(p.to(MASS_DTYPE), onehot, mass_acc, input_precision="ieee" if MASS_DTYPE == tl.float32 else "tf32")
+
+
+@triton.jit
+def _category_attn_fwd(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
                        sm_scale,  #
                        stride_qb, stride_qh, stride_qm, stride_qd,  #
                        stride_kb, stride_kh, stride_kn, stride_kd,  #
                        stride_vb, stride_vh, stride_vn, stride_vd,  #
                        stride_ob, stride_oh, stride_om, stride_od,  #
-                       stride_cb,  #
+                       stride_cb, stride_kvr, stride_tcb, stride_tcr,  #
                        H_Q, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,  #
                        GROUP: tl.constexpr,  # query heads per kv head (Hq // Hkv)
                        HEAD_DIM: tl.constexpr,  # D
                        BLOCK_D: tl.constexpr,  # D padded to a power of two
                        BLOCK_M: tl.constexpr,  # query rows per program
                        BLOCK_N: tl.constexpr,  # keys per inner step
-                       NUM_CAT: tl.constexpr,  # table length (8)
+                       NUM_CAT: tl.constexpr,  # categories (8)
                        MASS_W: tl.constexpr,  # one-hot width for the mass dot (16)
                        CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
-                       TRANSFORM: tl.constexpr,  # False: identity everywhere (no table math at all)
-                       RENORM: tl.constexpr,  # renormalised (True) or raw (False) post-softmax weights
+                       TRANSFORM: tl.constexpr,  # False: identity everywhere (PAD masking only)
+                       ALL_EN: tl.constexpr,  # every row and head enabled: no per-row selects
+                       HAS_MUL: tl.constexpr,  # some mul != 1
+                       HAS_ABS: tl.constexpr,  # some absw != 0
+                       RAW_W: tl.constexpr,  # raw (not renormalised) weights with some w != 1
                        RETURN_MASS: tl.constexpr,  # also write MASS
+                       MASS_PATH: tl.constexpr,  # 0: per tile (single-category fast path / one dot), 2: always the dot
                        DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype (fp16 / bf16 / fp32)
+                       MASS_DTYPE: tl.constexpr,  # mass dot operand dtype (fp16 / fp32)
                        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
                        ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -113,6 +152,8 @@ def _category_attn_fwd(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_hq.to(tl.int64) * stride_oh
     cat_base = CAT + off_b.to(tl.int64) * stride_cb
+    kv_base = KV + off_b.to(tl.int64) * K_LEN  # (KV_ROWS, B, K) contiguous
+    tc_base = TC + off_b.to(tl.int64) * stride_tcb + (BLOCK_N // 16) * stride_tcr
     row_base = off_bh.to(tl.int64) * Q_LEN  # LSE (B, Hq, Q) and MASS (B, Hq, Q, NUM_CAT) are contiguous
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -121,7 +162,10 @@ def _category_attn_fwd(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
     d_in = offs_d < HEAD_DIM
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=m_in[:, None] & d_in[None, :], other=0.0).to(DOT_DTYPE)
-    en = (tl.load(ROW_EN + off_b * Q_LEN + offs_m, mask=m_in, other=0) != 0) & (tl.load(HEAD_EN + off_hq) != 0)
+    if ALL_EN:
+        en = m_in
+    else:
+        en = (tl.load(ROW_EN + off_b * Q_LEN + offs_m, mask=m_in, other=0) != 0) & (tl.load(HEAD_EN + off_hq) != 0)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -136,18 +180,22 @@ def _category_attn_fwd(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
         diag_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), K_LEN)
         diag_lo = tl.minimum(diag_lo, diag_hi)
         acc, l_i, m_i, mass_acc = _attn_fwd_inner(
-            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, diag_lo,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, RETURN_MASS, DOT_DTYPE, DOT_PRECISION)
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0, diag_lo,  #
+            HEAD_DIM, BLOCK_N, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION)
         acc, l_i, m_i, mass_acc = _attn_fwd_inner(
-            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, diag_lo, diag_hi,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, True, TRANSFORM, RENORM, RETURN_MASS, DOT_DTYPE, DOT_PRECISION)
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, diag_lo,
+            diag_hi,  #
+            HEAD_DIM, BLOCK_N, MASS_W, True, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION)
     else:
         acc, l_i, m_i, mass_acc = _attn_fwd_inner(
-            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, cat_base, TAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, K_LEN, causal_offset, 0, K_LEN,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, RENORM, RETURN_MASS, DOT_DTYPE, DOT_PRECISION)
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,  #
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0, K_LEN,  #
+            HEAD_DIM, BLOCK_N, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION)
 
     # epilogue: rows that saw no key (l == 0) give out = 0, mass = 0, lse = -inf
     empty = l_i == 0.0
@@ -164,46 +212,51 @@ def _category_attn_fwd(Q, K, V, CAT, TAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
                  mask=m_in[:, None] & (offs_c[None, :] < NUM_CAT))
 
 
-def _fwd_configs():
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-        for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)
-    ]
-    # 8 warps only pay off on large tiles (as in the Triton tutorial)
-    return [c for c in configs if not (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 and c.num_warps == 8)]
+# Autotune space (sm_90, checked spill-free and within shared memory by bench/kernel_static.py); the first config
+# that fits the shape is the pinned default (ATTN_MOD_TRITON_CONFIG=pinned). Small Q (< 64 rows) gets the decode
+# tiles; decode proper (Q <= DECODE_MAX_Q) runs the split-K kernel (triton_decode.py).
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=2, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=2, num_warps=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_stages=3, num_warps=4),
+]
 
-
-_FWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "RENORM", "RETURN_MASS",
-                 "DOT_DTYPE"]
-_category_attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_TUNE_KEY)(_category_attn_fwd)
+_FWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "ALL_EN", "HAS_MUL", "HAS_ABS",
+                 "RAW_W", "RETURN_MASS", "DOT_DTYPE"]
+_category_attn_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=_FWD_TUNE_KEY,
+                                           prune_configs_by={"early_config_prune": prune_by_rows("BLOCK_M")})(
+    _category_attn_fwd)
 
 INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}  # few, large blocks: interpreter cost ~ programs x steps
 
 
-def forward_launch(q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, *, scale: float, causal: bool,
-                   transform_on: bool, renorm: bool):
-    """(positional args, constexpr meta without BLOCK_M/BLOCK_N) of `_category_attn_fwd`; mass None: no masses."""
+def forward_launch(q, k, v, ops: KernelOperands, out, lse, mass, *, scale: float, causal: bool, mass_path: int = 0):
+    """(positional args, constexpr meta without BLOCK_M/BLOCK_N) of `_category_attn_fwd`; mass None: no masses.
+    `ops` from `triton_common.kernel_operands`; mass_path 0 = per-tile fast path, 2 = always the one-hot dot."""
     B, Hq, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
     ddt = dot_dtype(q.dtype)
-    args = (q, k, v, cat, tables, row_enable, head_enable, out, lse, lse if mass is None else mass, float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), cat.stride(0),
-            Hq, Q, K, length_bucket(Q), length_bucket(K))
+    args = (q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, out, lse,
+            lse if mass is None else mass, float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), ops.cat.stride(0), ops.kv.stride(0),
+            ops.tc.stride(0), ops.tc.stride(1), Hq, Q, K, length_bucket(Q), length_bucket(K))
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), NUM_CAT=NUM_CATEGORIES, MASS_W=MASS_WIDTH,
-                CAUSAL=bool(causal), TRANSFORM=bool(transform_on), RENORM=bool(renorm), RETURN_MASS=mass is not None,
-                DOT_DTYPE=ddt, DOT_PRECISION=dot_precision(ddt))
+                CAUSAL=bool(causal), **ops.flags(), RETURN_MASS=mass is not None, MASS_PATH=int(mass_path),
+                DOT_DTYPE=ddt, MASS_DTYPE=mass_dtype(ddt), DOT_PRECISION=dot_precision(ddt))
     return args, meta
 
 
-def attention_forward(q, k, v, cat, tables, row_enable, head_enable, *, scale: float, causal: bool,
-                      transform_on: bool, renorm: bool, return_mass: bool, block_m: int | None = None,
-                      block_n: int | None = None):
+def attention_forward(q, k, v, ops: KernelOperands, *, scale: float, causal: bool, return_mass: bool,
+                      block_m: int | None = None, block_n: int | None = None, mass_path: int = 0):
     """Launch the forward kernel.
 
-    q (B,Hq,Q,D), k/v (B,Hkv,K,D) with last-dim stride 1; cat (B,K) int with stride 1 along K;
-    tables (5, NUM_CATEGORIES) fp32 from `triton_common.pack_tables`; row_enable (B,Q) int8; head_enable (Hq,)
-    int8, both contiguous. transform_on=False skips all table math (identity). block_m/block_n force a tile
-    size (tests); otherwise the autotuner picks on a GPU and INTERPRETER_BLOCKS are used in the interpreter.
+    q (B,Hq,Q,D), k/v (B,Hkv,K,D) with last-dim stride 1; `ops` (`triton_common.kernel_operands`) carries the key
+    categories, per-key values, tile codes, enables and the kind flags. block_m/block_n force a tile size (tests);
+    otherwise the autotuner picks on a GPU and INTERPRETER_BLOCKS are used in the interpreter.
     Returns out (B,Hq,Q,D) q.dtype, lse (B,Hq,Q) fp32, mass (B,Hq,Q,NUM_CATEGORIES) fp32 or None.
     """
     B, Hq, Q, D = q.shape
@@ -212,8 +265,7 @@ def attention_forward(q, k, v, cat, tables, row_enable, head_enable, *, scale: f
     mass = triton_common.new_output((B, Hq, Q, NUM_CATEGORIES), torch.float32, q.device) if return_mass else None
     if B * Hq * Q == 0:
         return out, lse, mass
-    args, meta = forward_launch(q, k, v, cat, tables, row_enable, head_enable, out, lse, mass, scale=scale,
-                                causal=causal, transform_on=transform_on, renorm=renorm)
+    args, meta = forward_launch(q, k, v, ops, out, lse, mass, scale=scale, causal=causal, mass_path=mass_path)
     if block_m is None and not interpreting():
         grid = lambda META: (triton.cdiv(Q, META["BLOCK_M"]), B * Hq)  # noqa: E731
         _category_attn_fwd_tuned[grid](*args, **meta)

@@ -162,6 +162,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     resumed = _run_cli(base + [f"output_dir={out}", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]  # last K=2
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(tmp_path / "full" / "metrics.jsonl")
     a = load_file(out / "final" / "model.safetensors")
     b = load_file(tmp_path / "full" / "final" / "model.safetensors")
@@ -283,3 +284,37 @@ def test_bf16_autocast_step_runs_and_stays_close_to_fp32(tmp_path):
     for k in ("loss", "loss_lm", "loss_img", "loss_sys"):
         assert rows_bf16[0][k] == pytest.approx(rows[0][k], rel=0.05, abs=0.05), k
         assert rows_bf16[0][k] != rows[0][k] or k == "loss_img", k  # autocast really ran in bf16
+
+
+def test_checkpoint_write_is_atomic_and_prunes_to_keep(tmp_path, monkeypatch):
+    from attn_mod.trainers.checkpoint import Checkpointer
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck = Checkpointer(tmp_path / "ck", keep=2)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, samples_seen=0, metrics=[], config={})
+    for step in (1, 2, 3):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        ck.save(step, **{**kw, "metrics": [{"step": step}]})
+    assert [p.name for p in ck.list()] == ["step-0000002", "step-0000003"]
+    real_save = torch.save
+
+    def failing(obj, f, *a, **k):
+        if str(f).endswith("scheduler.pt"):
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError):
+        ck.save(4, **kw)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ck.latest().name == "step-0000003"  # the interrupted write is invisible
+    want = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    state = ck.load(ck.latest(), model=model, optimizer=opt, scheduler=sched)
+    assert state.step == 3 and state.metrics == [{"step": 3}] and torch.equal(model.weight, want)
+    ck.save(5, **kw)  # the next save clears the stale temporary folder
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == []

@@ -318,3 +318,21 @@ def test_checkpoint_write_is_atomic_and_prunes_to_keep(tmp_path, monkeypatch):
     assert state.step == 3 and state.metrics == [{"step": 3}] and torch.equal(model.weight, want)
     ck.save(5, **kw)  # the next save clears the stale temporary folder
     assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow
+def test_train_memory_bench_smoke(tmp_path):
+    from pathlib import Path
+
+    root = Path(TINY_SFT).parents[2]
+    md = tmp_path / "RESULTS.md"
+    md.write_text("kept\n")
+    res = subprocess.run([sys.executable, str(root / "bench" / "train_memory.py"), "--seqs", "300", "--layers", "1",
+                          "--out", str(tmp_path / "tm.json"), "--results-md", str(md)], env=env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "tm.json").read_text())
+    assert {r["mode"] for r in rows} == {"attn_mod", "eager"}
+    a, e = sorted(rows, key=lambda r: r["mode"])
+    assert a["seq"] == e["seq"] > 250 and a["loss"] == pytest.approx(e["loss"], rel=1e-5)  # same objective
+    assert md.read_text().startswith("kept\n") and f"| {a['seq']} | 1 |" in md.read_text()

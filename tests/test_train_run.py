@@ -336,3 +336,17 @@ def test_train_memory_bench_smoke(tmp_path):
     a, e = sorted(rows, key=lambda r: r["mode"])
     assert a["seq"] == e["seq"] > 250 and a["loss"] == pytest.approx(e["loss"], rel=1e-5)  # same objective
     assert md.read_text().startswith("kept\n") and f"| {a['seq']} | 1 |" in md.read_text()
+
+
+def test_model_from_path_and_final_dir_loads_back(tmp_path):
+    from attn_mod.loading import load_model
+    from attn_mod.tiny import save_tiny
+
+    path = save_tiny("qwen2_5_vl", tmp_path / "init")
+    rows, params = _train(tmp_path, "frompath", "model.tiny=null", f"model.path={path}", "schedule.max_steps=1")
+    model, processor = load_model(tmp_path / "frompath" / "final")
+    assert processor.tokenizer.chat_template
+    trained = dict(model.named_parameters())
+    for n, p in params.items():
+        torch.testing.assert_close(trained[n], p, rtol=0, atol=0)
+    assert rows[0]["step"] == 1 and rows[0]["samples_img"] > 0

@@ -166,10 +166,15 @@ def test_cutoff_truncates_or_drops_and_counts(tmp_path):
     assert stats["kept"] == 2 and stats["dropped"] == {"too long": 2}
 
 
-def test_bad_data_fails_before_any_step(tmp_path):
+def test_bad_data_fails_before_any_step(tmp_path, monkeypatch):
     data = make_data(tmp_path / "data", 4)
     (tmp_path / "data" / "img1.png").unlink()
     cfg = load_train_config(TINY_SFT, [f"data.train={data}", f"output_dir={tmp_path / 'out'}"])
+
+    def no_weights(self):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(SFTRecipe, "_setup_model", no_weights)
     with pytest.raises(ValueError, match=r"line 2.*img1.png"):
         SFTRecipe(cfg).setup()
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

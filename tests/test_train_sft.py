@@ -229,6 +229,8 @@ def test_vlmevalkit_tsv_as_prompt_source(tmp_path):
     assert prompts[0].load_images()[0].size == bench[0].load_image().size
     proc = build_processor("qwen2_5_vl")
     coll = Collator(proc, image_token_id=proc.tokenizer.convert_tokens_to_ids("<|image_pad|>"), train_on="none")
+    with pytest.raises(ValueError, match="has no image processor"):  # a bare tokenizer would drop the images
+        Collator(proc.tokenizer, train_on="none").encode(prompts[0])
     enc = [coll.encode(p) for p in prompts]
     header = [proc.tokenizer.convert_tokens_to_ids("<|im_start|>")] + proc.tokenizer.encode("assistant\n")
     for e, s in zip(enc, bench):

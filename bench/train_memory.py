@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "train_memory.json"))
     ap.add_argument("--no-results", action="store_true", help="do not append the table to bench/RESULTS.md")
+    ap.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -164,7 +165,7 @@ def main() -> None:
     print("\n".join(table))
     if not args.no_results:
         cmd = "python bench/train_memory.py " + " ".join(sys.argv[1:])
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
+        with Path(args.results_md).open("a") as f:
             f.write("\n## SFT step memory: attention losses from attn-mod masses vs eager output_attentions (CPU)\n\n"
                     f"`{cmd.strip()}`, {time.strftime('%Y-%m-%d')}: one forward + backward of "
                     "L_LM + 0.15 L_img + 0.15 L_sys, batch 1, tiny-width Qwen2.5-VL (hidden 64, 4 heads, 2 KV "

@@ -162,6 +162,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     resumed = _run_cli(base + [f"output_dir={out}", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]  # last K=2
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(tmp_path / "full" / "metrics.jsonl")
     a = load_file(out / "final" / "model.safetensors")
     b = load_file(tmp_path / "full" / "final" / "model.safetensors")
@@ -283,3 +284,69 @@ def test_bf16_autocast_step_runs_and_stays_close_to_fp32(tmp_path):
     for k in ("loss", "loss_lm", "loss_img", "loss_sys"):
         assert rows_bf16[0][k] == pytest.approx(rows[0][k], rel=0.05, abs=0.05), k
         assert rows_bf16[0][k] != rows[0][k] or k == "loss_img", k  # autocast really ran in bf16
+
+
+def test_checkpoint_write_is_atomic_and_prunes_to_keep(tmp_path, monkeypatch):
+    from attn_mod.trainers.checkpoint import Checkpointer
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck = Checkpointer(tmp_path / "ck", keep=2)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, samples_seen=0, metrics=[], config={})
+    for step in (1, 2, 3):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        ck.save(step, **{**kw, "metrics": [{"step": step}]})
+    assert [p.name for p in ck.list()] == ["step-0000002", "step-0000003"]
+    real_save = torch.save
+
+    def failing(obj, f, *a, **k):
+        if str(f).endswith("scheduler.pt"):
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError):
+        ck.save(4, **kw)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ck.latest().name == "step-0000003"  # the interrupted write is invisible
+    want = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    state = ck.load(ck.latest(), model=model, optimizer=opt, scheduler=sched)
+    assert state.step == 3 and state.metrics == [{"step": 3}] and torch.equal(model.weight, want)
+    ck.save(5, **kw)  # the next save clears the stale temporary folder
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow
+def test_train_memory_bench_smoke(tmp_path):
+    from pathlib import Path
+
+    root = Path(TINY_SFT).parents[2]
+    md = tmp_path / "RESULTS.md"
+    md.write_text("kept\n")
+    res = subprocess.run([sys.executable, str(root / "bench" / "train_memory.py"), "--seqs", "300", "--layers", "1",
+                          "--out", str(tmp_path / "tm.json"), "--results-md", str(md)], env=env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "tm.json").read_text())
+    assert {r["mode"] for r in rows} == {"attn_mod", "eager"}
+    a, e = sorted(rows, key=lambda r: r["mode"])
+    assert a["seq"] == e["seq"] > 250 and a["loss"] == pytest.approx(e["loss"], rel=1e-5)  # same objective
+    assert md.read_text().startswith("kept\n") and f"| {a['seq']} | 1 |" in md.read_text()
+
+
+def test_model_from_path_and_final_dir_loads_back(tmp_path):
+    from attn_mod.loading import load_model
+    from attn_mod.tiny import save_tiny
+
+    path = save_tiny("qwen2_5_vl", tmp_path / "init")
+    rows, params = _train(tmp_path, "frompath", "model.tiny=null", f"model.path={path}", "schedule.max_steps=1")
+    model, processor = load_model(tmp_path / "frompath" / "final")
+    assert processor.tokenizer.chat_template
+    trained = dict(model.named_parameters())
+    for n, p in params.items():
+        torch.testing.assert_close(trained[n], p, rtol=0, atol=0)
+    assert rows[0]["step"] == 1 and rows[0]["samples_img"] > 0

@@ -191,7 +191,12 @@ def recipe_class(name: str):
     if name not in RECIPES:
         raise ConfigError(f"recipe: {name!r} is not one of {sorted(RECIPES)}")
     module, attr = RECIPES[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ConfigError(f"recipe: {name!r} needs {module}, which this installation does not have") from None
 
 
 def _numbers(value):

@@ -414,6 +414,8 @@ class GRPORecipe(Recipe):
     progress_keys = ("loss", "reward", "target_attention")
     require_assistant = False
     train_on = "none"
+    # a step's rollout batch depends on these too: a resumed run must keep them
+    RESUME_KEYS = Recipe.RESUME_KEYS + (("objective", "num_iterations"), ("rollout", "group_size"))
 
     @staticmethod
     def validate_config(cfg) -> None:

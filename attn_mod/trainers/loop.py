@@ -95,11 +95,12 @@ class Recipe:
         self.accelerator = self._setup_accelerator()
         self.is_main = self.accelerator.is_main_process
         self._check_output_dir()
-        self.model, self.processor = self._setup_model()
+        self.processor, model_config = self._setup_processor()
+        self.collator, self.dataset = self._setup_data(model_config)  # data errors before the weights load
+        self.model, _ = self._setup_model()
         self.handle = patch(self.model, self.processor, backend=self.cfg.model.backend,
                             sink_category=self.cfg.model.sink_category)
         self.peft_model = self._setup_lora()
-        self.collator, self.dataset = self._setup_data()
         self.total_steps = self._total_steps()
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
@@ -128,6 +129,21 @@ class Recipe:
         if has_run and not self.resume:
             raise ValueError(f"output_dir {str(self.out)!r} already holds a run (metrics.jsonl / checkpoints); "
                              "pass --resume to continue it or choose another output_dir")
+
+    def _setup_processor(self):
+        """(processor, model config) without loading any weights."""
+        m = self.cfg.model
+        if m.tiny is not None:
+            from ..tiny import build_processor, tiny_config
+
+            processor = build_processor(m.tiny)
+            return processor, tiny_config(m.tiny, processor.tokenizer, **m.tiny_kwargs)
+        from transformers import AutoConfig
+
+        from ..loading import load_processor, model_type_of
+
+        model_type = model_type_of(m.path)  # clear errors for a missing / non-HF directory
+        return load_processor(m.path, model_type), AutoConfig.from_pretrained(m.path, local_files_only=True)
 
     def _setup_model(self):
         m = self.cfg.model
@@ -170,15 +186,17 @@ class Recipe:
                             target_modules=rf".*language_model.*\.({targets})")
         return get_peft_model(self.model, config)
 
-    def _setup_data(self):
+    def _setup_data(self, model_config):
+        from ..regions import FAMILY_GEOMETRY
+
         d = self.cfg.data
         samples = load_train_samples(d.train, require_assistant=self.require_assistant, limit=d.limit,
                                      system_prompt=d.system_prompt)
-        family = getattr(self.handle.state.adapter, "name", None)
-        collator = Collator(self.processor, image_token_id=getattr(self.model.config, "image_token_id", None),
+        family = getattr(model_config, "model_type", None)
+        collator = Collator(self.processor, image_token_id=getattr(model_config, "image_token_id", None),
                             cutoff=d.cutoff, overflow=d.overflow, padding_side=d.padding_side,
                             box_convention=d.box_convention, box_rule=d.box_rule,
-                            family=None if family == "generic" else family, train_on=self.train_on)
+                            family=family if family in FAMILY_GEOMETRY else None, train_on=self.train_on)
         dataset = EncodedDataset(samples, collator, progress=self.cfg.logging.progress and
                                  self.accelerator.is_main_process)
         return collator, dataset
@@ -393,7 +411,14 @@ class Recipe:
         try:
             self.processor.save_pretrained(path)
         except Exception:  # noqa: BLE001 - tiny processors without a video processor cannot be saved whole
-            getattr(self.processor, "tokenizer", self.processor).save_pretrained(path)
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            # as attn_mod.tiny.save_tiny does: no processor_class naming the unimportable wrapper class, so that
+            # attn_mod.loading.load_processor rebuilds the full processor instead of returning the bare tokenizer
+            kept, tok._processor_class = getattr(tok, "_processor_class", None), None
+            try:
+                tok.save_pretrained(path)
+            finally:
+                tok._processor_class = kept
             ip = getattr(self.processor, "image_processor", None)
             if ip is not None:
                 ip.save_pretrained(path)

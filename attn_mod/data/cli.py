@@ -31,6 +31,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="gqa: which object ids become TARGET boxes (default: every id the semantic program names)")
     g.add_argument("--annotations", help="refocus: a *_wbb.json annotation file")
     g.add_argument("--kind", choices=["auto", "chart", "table"], default="auto", help="refocus: annotation kind")
+    g.add_argument("--units", choices=["normalized", "pixel"], default="normalized",
+                   help="refocus: box units (ReFocus writes fractions of the image size)")
     g.add_argument("--system", default=None, help="system prompt of every sample (default: none)")
     g.add_argument("--instructions", choices=["default", "cot"], default="cot",
                    help="answer instruction appended to the question (attn_mod.eval.prompts)")
@@ -69,7 +71,7 @@ def cmd_data(args) -> int:
         else:
             if not args.annotations:
                 raise ValueError("--format refocus needs --annotations FILE (a ReFocus *_wbb.json)")
-            result = convert_refocus(args.annotations, args.out, image_root=args.images, kind=args.kind,
+            result = convert_refocus(args.annotations, args.out, image_root=args.images, kind=args.kind, units=args.units,
                                      system=args.system, instructions=args.instructions, limit=args.limit,
                                      progress=not args.no_progress)
         print(summary_table(result))

@@ -264,3 +264,40 @@ def test_parse_rewrites():
     assert "twice" in parse_rewrites("1: a\n1: b", 1)[1]
     assert "still contain" in parse_rewrites("1: <anchor> x", 1)[1]
     assert "do not exist" in parse_rewrites("1: a\n3: c", 1)[1]
+
+
+def test_tsv_source_with_embedded_images(tmp_path, server):
+    import base64
+    import io
+
+    d = tmp_path / "tsv"
+    d.mkdir()
+    lines = ["index\timage\tquestion\tanswer\tanswer_type"]
+    sizes = {}
+    for k, name in enumerate(("q9", "q10")):
+        buf = io.BytesIO()
+        im = random_image(30 + 10 * k, 40, seed=20 + k)
+        im.save(buf, format="PNG")
+        sizes[name] = im.size
+        q, a, t, _ = ITEMS[name]
+        lines.append(f"{name}\t{base64.b64encode(buf.getvalue()).decode()}\t{q} (item {name})\t{a}\t{t}")
+    (d / "src.tsv").write_text("\n".join(lines) + "\n")
+    cfg = load_config(SynthesisConfig, config(tmp_path, d / "src.tsv", server.url, "tsv_out"))
+    result = run_synthesis(cfg, progress=False)
+    assert result.report["accepted"] == 2
+    train = read_samples(Path(cfg.output_dir) / "train.jsonl", require_assistant=True)
+    for s in train:
+        assert s.images == (f"images/{s.id}_0.png",) and s.load_images()[0].size == sizes[s.id]
+
+
+def test_example_configs_load():
+    from attn_mod.data.difficulty import FilterConfig
+    from attn_mod.data.synthesis import load_prompts
+
+    cfg = load_config(SynthesisConfig, ROOT / "configs" / "data" / "avar_synthesis.yaml")
+    prompts = load_prompts(cfg)
+    assert set(prompts) == {"describe", "reason", "anchor"} and all(p.system and p.user for p in prompts.values())
+    assert "<anchor" in prompts["reason"].user and "{{" not in prompts["reason"].render(
+        question="q", description="d", answer_hint="h")[1]
+    assert cfg.assembly.answer_format.format(reasoning="R", answer="7").endswith("\\boxed{7}")
+    load_config(FilterConfig, ROOT / "configs" / "data" / "difficulty_filter.yaml")

@@ -350,6 +350,8 @@ class _Pipeline:
         self.progress = progress
         self.prompts = load_prompts(cfg)
         self.models = {s: cfg.stage(s).resolved_model(s) for s in STAGES}
+        for s in STAGES:  # endpoint problems surface before any file is written
+            cfg.endpoint.resolved(cfg.stage(s).base_url)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = ResponseCache(Path(cfg.cache_path) if cfg.cache_path else self.out / "cache.jsonl")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from attn_mod.cli import main
 from attn_mod.config import ConfigError, load_config
 from attn_mod.data.samples import read_samples
 from attn_mod.data.synthesis import SynthesisConfig, parse_rewrites, run_synthesis
@@ -70,11 +71,12 @@ def write_source(d: Path) -> Path:
 
 
 class Server:
-    def __init__(self, d: Path, delay: dict | None = None):
+    def __init__(self, d: Path, delay: dict | None = None, faults: dict | None = None):
         d.mkdir(parents=True, exist_ok=True)
         items = {}
+        faults = FAULTS if faults is None else faults
         for name, (_, a, _, _) in ITEMS.items():
-            items[name] = {"answer": a, "faults": FAULTS.get(name, {}), "gate": GATES.get(name, ({}, None))[0]}
+            items[name] = {"answer": a, "faults": faults.get(name, {}), "gate": GATES.get(name, ({}, None))[0]}
         (d / "control.json").write_text(json.dumps({"items": items, "delay": delay or {}, "timeout_sleep": 2.5}))
         self.hits = d / "hits.jsonl"
         port_file = d / "port"
@@ -173,7 +175,7 @@ def test_synthesis_end_to_end(tmp_path, server):
     assert again.report == result.report
 
 
-def test_kill_during_reason_and_rerun_matches(tmp_path):
+def test_kill_during_reason_and_rerun_matches(tmp_path, capsys):
     source = write_source(tmp_path / "src")
     ref_server = Server(tmp_path / "ref_server")
     try:
@@ -206,7 +208,9 @@ def test_kill_during_reason_and_rerun_matches(tmp_path):
         hits_before = len(server.hit_rows())
 
         cfg = load_config(SynthesisConfig, cfg_path)
-        run_synthesis(cfg, progress=False)
+        assert main(["data", "synthesize", str(cfg_path), "--no-progress"]) == 0  # the rerun, through the CLI
+        printed = capsys.readouterr().out
+        assert "| accepted (train.jsonl) | 5 |" in printed and "| rejected: placeholder_not_rewritten | 2 |" in printed
         for name in FINAL_FILES:
             assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
@@ -301,3 +305,21 @@ def test_example_configs_load():
         question="q", description="d", answer_hint="h")[1]
     assert cfg.assembly.answer_format.format(reasoning="R", answer="7").endswith("\\boxed{7}")
     load_config(FilterConfig, ROOT / "configs" / "data" / "difficulty_filter.yaml")
+
+
+def test_http_400_rejects_the_item_and_401_stops_the_run(tmp_path):
+    from attn_mod.data.chat_client import EndpointError
+
+    source = write_source(tmp_path / "src")
+    server = Server(tmp_path / "server", faults={"q1": {"vision-m": ["400"]}, "q2": {"reason-m": ["401"]}})
+    try:
+        cfg = load_config(SynthesisConfig, config(tmp_path, source, server.url, "out"))
+        with pytest.raises(EndpointError, match="check base_url, api key"):
+            run_synthesis(cfg, progress=False)
+        described = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "out" / "describe.jsonl").read_text().splitlines()}
+        assert described["q1"]["reason"] == "request_rejected" and "HTTP 400" in described["q1"]["detail"]
+        assert all(r["status"] == "ok" for k, r in described.items() if k != "q1") and len(described) == len(ITEMS)
+        hits = Counter((h["model"], h["item"]) for h in server.hit_rows())
+        assert hits[("vision-m", "q1")] == 1 and hits[("reason-m", "q2")] == 1  # neither is retried
+    finally:
+        server.stop()

@@ -166,6 +166,8 @@ class ChatClient:
             except Exception as e:  # noqa: BLE001 - classified below
                 kind = self._classify(e)
                 self._count(f"error:{kind}")
+                if kind == "unexpected":
+                    raise
                 if kind == "fatal":
                     raise EndpointError(f"{self.base_url}: {type(e).__name__}: {e} (check base_url, api key and "
                                         f"model name {model!r})") from e
@@ -200,9 +202,7 @@ class ChatClient:
             if code in REJECT_STATUS:
                 return "rejected"
             return "fatal"
-        if isinstance(e, (ValueError, TypeError, AttributeError)):  # a body the SDK could not turn into objects
-            return "transient"
-        return "fatal"
+        return "unexpected"
 
     def _delay(self, attempt: int, err: Exception | None) -> float:
         cap = self.endpoint.backoff_max_s

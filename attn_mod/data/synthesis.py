@@ -173,6 +173,9 @@ class SynthesisConfig:
 
     def validate(self):
         self.source.validate()
+        if self.source.system is not None:
+            raise ValueError("source.system is not used by the synthesis; set assembly.system (the training "
+                             "samples' system prompt) instead")
         self.endpoint.validate()
         self.gates.validate()
         self.assembly.validate()

@@ -1,4 +1,5 @@
-"""JsonlLog repair rules: a torn last line is cut, a damaged middle line is quarantined, valid rows all stay."""
+"""JsonlLog (on attn_mod.jsonl): a torn last line is cut, damaged middle lines (bad JSON, no id, duplicate id)
+are quarantined, valid rows all stay."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def test_append_and_reload(tmp_path):
         log.append({"id": "r1", "v": 0})
     with pytest.raises(ValueError, match="non-empty string 'id'"):
         log.append({"v": 1})
+    log.append({"id": "t", "v": (1, 2)})
+    assert log.get("t") == {"id": "t", "v": [1, 2]}  # kept as a reload reads it
     again = JsonlLog(tmp_path / "a.jsonl")
-    assert list(again) == rows(4) and "r3" in again and again.get("r2")["v"] == 15
+    assert list(again)[:4] == rows(4) and "r3" in again and again.get("r2")["v"] == 15
 
 
 def test_torn_last_line_is_truncated(tmp_path):
@@ -52,11 +55,11 @@ def test_damaged_middle_lines_are_quarantined_not_lost(tmp_path):
     lines.insert(4, "[1, 2]")  # not an object
     lines.insert(6, json.dumps({"id": "r1", "v": -1}))  # duplicate id
     p.write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match="damaged line"):
+    with pytest.warns(UserWarning, match="quarantined 3 bad line"):
         log = JsonlLog(p)
     assert list(log) == good and log.quarantined == 3
     q = [json.loads(x) for x in log.quarantine_path.read_text().splitlines()]
     assert [r["line"] for r in q] == [3, 5, 7]
-    assert "not valid JSON" in q[0]["reason"] and "not a JSON object" in q[1]["reason"] and "duplicate" in q[2]["reason"]
+    assert "not valid JSON" in q[0]["reason"] and "not a JSON object" in q[1]["reason"] and q[0]["text"] and "duplicate" in q[2]["reason"]
     assert [json.loads(x) for x in p.read_text().splitlines()] == good  # file rewritten with the valid rows only
     assert list(JsonlLog(p)) == good  # and it now opens cleanly

@@ -229,11 +229,11 @@ def test_kill_during_reason_and_rerun_matches(tmp_path, capsys):
         lines[2] = '{"id": "q3", "status": "ok", "te\n'
         (out / "reason.jsonl").write_text("".join(lines))
         n_hits = len(server.hit_rows())
-        with pytest.warns(UserWarning, match="damaged"):
+        with pytest.warns(UserWarning, match="quarantined 1 bad line"):
             again = run_synthesis(cfg, progress=False)
         assert len(server.hit_rows()) == n_hits and again.run_stats["cache_hits"] >= 1
         assert again.run_stats["quarantined_lines"] == {"reason": 1}
-        assert (out / "reason.quarantine.jsonl").exists()
+        assert (out / "reason.jsonl.quarantine.jsonl").exists()
         for name in ("train.jsonl", "rejected.jsonl", "report.json"):
             assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     finally:

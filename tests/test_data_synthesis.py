@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attn_mod.cli import main
 from attn_mod.config import ConfigError, load_config
@@ -323,3 +326,24 @@ def test_http_400_rejects_the_item_and_401_stops_the_run(tmp_path):
         assert hits[("vision-m", "q1")] == 1 and hits[("reason-m", "q2")] == 1  # neither is retried
     finally:
         server.stop()
+
+
+_words = st.text(alphabet="abcdefgh XYZ,.019", min_size=0, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_words, st.one_of(st.none(), _words)), min_size=1, max_size=6), _words)
+def test_placeholder_round_trip(pieces, tail):
+    from attn_mod.data.synthesis import fill_anchors, find_placeholders, number_placeholders
+
+    text = "".join(p + ("<anchor>" if h is None else f"<anchor: {h}>") for p, h in pieces) + tail
+    hints = find_placeholders(text)
+    assert len(hints) == len(pieces)
+    assert hints == [("" if h is None else h.strip()) for _, h in pieces]
+    numbered = number_placeholders(text)
+    assert [int(k) for k in re.findall(r"\[ANCHOR (\d+)", numbered)] == list(range(1, len(pieces) + 1))
+    answer = "\n".join(f"{k}: look back {k}." for k in range(1, len(pieces) + 1))
+    rewrites, why = parse_rewrites(answer, len(pieces))
+    assert why == "" and rewrites == {k: f"look back {k}." for k in range(1, len(pieces) + 1)}
+    filled = fill_anchors(text, rewrites)
+    assert filled == "".join(p + f"look back {k}." for k, (p, _) in enumerate(pieces, 1)) + tail

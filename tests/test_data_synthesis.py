@@ -8,6 +8,7 @@ a damaged middle line of a stage file is quarantined and rebuilt from the cache 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -176,6 +177,21 @@ def test_synthesis_end_to_end(tmp_path, server):
     again = run_synthesis(cfg, progress=False)
     assert len(server.hit_rows()) == n_hits and again.run_stats["requests"] == 0
     assert again.report == result.report
+
+    # a changed prompt is refused in the same output_dir (the stage rows were made with the old one) ...
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for f in ("describe", "reason", "anchor"):
+        (prompts / f"{f}.txt").write_text((ROOT / "configs" / "prompts" / "avar" / f"{f}.txt").read_text())
+    (prompts / "anchor.txt").write_text((prompts / "anchor.txt").read_text() + "\nBe brief.\n")
+    changed = dataclasses.replace(cfg, prompts_dir=str(prompts))
+    with pytest.raises(ValueError, match="different stages"):
+        run_synthesis(changed, progress=False)
+    # ... and in a new output_dir sharing the cache only the changed stage is requested again
+    shared = dataclasses.replace(changed, output_dir=str(tmp_path / "out2"), cache_path=str(out / "cache.jsonl"))
+    third = run_synthesis(shared, progress=False)
+    new_hits = server.hit_rows()[n_hits:]
+    assert {h["model"] for h in new_hits} == {"rewrite-m"} and third.run_stats["cache_hits"] > 0
 
 
 def test_kill_during_reason_and_rerun_matches(tmp_path, capsys):

@@ -31,12 +31,15 @@ stored in the content-hash cache (OUTPUT_DIR/cache.jsonl unless `cache_path`), s
 and the stage row costs nothing on the rerun. Items whose retries ran out are left out (``pending``) and retried
 on the next run. train.jsonl, rejected.jsonl and report.json are rewritten atomically at the end, in source
 order, and depend only on the stage rows: an interrupted run plus a rerun gives the same files as one run.
-Per-invocation request counts go to runs.jsonl and the printed summary.
+Per-invocation request counts go to runs.jsonl and the printed summary. OUTPUT_DIR/manifest.json records what the
+stage rows depend on (source, models, prompt hashes, sampling parameters, gates); a rerun with a different one
+is refused (use another output_dir; a shared `cache_path` keeps unchanged requests free).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -356,12 +359,37 @@ class _Pipeline:
         for s in STAGES:  # endpoint problems surface before any file is written
             cfg.endpoint.resolved(cfg.stage(s).base_url)
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_manifest()
         self.cache = ResponseCache(Path(cfg.cache_path) if cfg.cache_path else self.out / "cache.jsonl")
         self.clients = {s: ChatClient(cfg.endpoint, self.cache, base_url=cfg.stage(s).base_url) for s in STAGES}
         self.logs = {s: JsonlLog(self.out / f"{s}.jsonl") for s in STAGES}
         self.pending: Counter = Counter()
         self.instructions = COT_INSTRUCTIONS if cfg.source.instructions == "cot" else DEFAULT_INSTRUCTIONS
+
+    def manifest(self) -> dict:
+        """What the stage rows depend on; a rerun into the same output_dir must match it."""
+        src = self.cfg.source
+        return {"source": {"path": str(Path(src.path).resolve()), "instructions": src.instructions,
+                           "template": src.template, "columns": src.columns, "answer_type": src.answer_type},
+                "stages": {s: {"model": self.models[s], "prompt_sha256": self.prompts[s].sha256,
+                               "params": self.cfg.stage(s).params()} for s in STAGES},
+                "gates": dataclasses.asdict(self.cfg.gates), "image_format": self.cfg.image_format.upper()}
+
+    def _check_manifest(self) -> None:
+        path = self.out / "manifest.json"
+        new = json.loads(json.dumps(self.manifest()))
+        if path.exists():
+            old = json.loads(path.read_text())
+            for key in new:
+                if old.get(key) != new[key]:
+                    raise ValueError(f"{self.out} holds stage rows made with a different {key} ({old.get(key)!r} != "
+                                     f"{new[key]!r}); use another output_dir (keep cache_path: unchanged requests "
+                                     "are still free)")
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ per-stage requests
     def question(self, s: Sample) -> str:

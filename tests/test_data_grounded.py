@@ -9,8 +9,6 @@ models label through `handle.set_target(boxes=..., images=...)`.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,13 +17,13 @@ import torch
 from PIL import Image
 
 import attn_mod
+from attn_mod.cli import main
 from attn_mod.categories import TARGET
 from attn_mod.data.grounded import convert_gqa, convert_refocus, gqa_program_object_ids, label_in_question
 from attn_mod.data.samples import read_samples
 from attn_mod.tiny import build_tiny
 
 DATA = Path(__file__).resolve().parent / "data"
-ROOT = Path(__file__).resolve().parents[1]
 CELL_PX = {"qwen2_5_vl": 28, "qwen3_vl": 32}
 
 
@@ -127,13 +125,13 @@ def test_gqa_annotation_targets_and_helpers(tmp_path):
     assert not (tmp_path / "c.jsonl").exists()
 
 
-def test_cli_grounded(tmp_path):
+def test_cli_grounded(tmp_path, capsys):
     out = tmp_path / "t.jsonl"
-    r = subprocess.run([sys.executable, "-m", "attn_mod", "data", "grounded", "--format", "refocus", "--annotations",
-                        str(DATA / "refocus" / "tablevqa_wbb.json"), "--out", str(out), "--no-progress"],
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "| written" in r.stdout and len(read_samples(out)) == 2
+    assert main(["data", "grounded", "--format", "refocus", "--annotations", str(DATA / "refocus" / "tablevqa_wbb.json"),
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "| written" in capsys.readouterr().out and len(read_samples(out)) == 2
+    assert main(["data", "grounded", "--format", "gqa", "--out", str(out)]) == 2  # names the missing flags
+    assert "--questions, --scene-graphs, --images" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- TARGET tokens

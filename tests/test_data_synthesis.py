@@ -363,3 +363,27 @@ def test_placeholder_round_trip(pieces, tail):
     assert why == "" and rewrites == {k: f"look back {k}." for k in range(1, len(pieces) + 1)}
     filled = fill_anchors(text, rewrites)
     assert filled == "".join(p + f"look back {k}." for k, (p, _) in enumerate(pieces, 1)) + tail
+
+
+def test_endpoint_and_models_from_the_environment(monkeypatch):
+    from attn_mod.data.chat_client import EndpointConfig
+    from attn_mod.data.synthesis import StageConfig
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"endpoint.base_url in the config or \$OPENAI_BASE_URL"):
+        EndpointConfig().resolved()
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8123/v1/")
+    assert EndpointConfig().resolved() == ("http://127.0.0.1:8123/v1", "EMPTY")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert EndpointConfig().resolved("http://127.0.0.1:9/v1") == ("http://127.0.0.1:9/v1", "sk-test")
+    assert EndpointConfig(base_url="https://a/v1", api_key="k").resolved() == ("https://a/v1", "k")
+    with pytest.raises(ValueError, match="http:// or https://"):
+        EndpointConfig(base_url="127.0.0.1:8000").resolved()
+    monkeypatch.setenv("AVAR_REASON_MODEL", "Qwen3-235B")
+    assert SynthesisConfig().reason.resolved_model("reason") == "Qwen3-235B"
+    with pytest.raises(ValueError, match=r"set describe.model in the config or \$AVAR_DESCRIBE_MODEL"):
+        monkeypatch.delenv("AVAR_DESCRIBE_MODEL", raising=False)
+        SynthesisConfig().describe.resolved_model("describe")
+    assert StageConfig(model="m", temperature=0.0, extra_body={"top_k": 20}).params() == {
+        "temperature": 0.0, "extra_body": {"top_k": 20}}

@@ -19,7 +19,8 @@ from PIL import Image
 import attn_mod
 from attn_mod.cli import main
 from attn_mod.categories import TARGET
-from attn_mod.data.grounded import convert_gqa, convert_refocus, gqa_program_object_ids, label_in_question
+from attn_mod.data.grounded import (convert_gqa, convert_refocus, gqa_final_object_ids, gqa_program_object_ids,
+                                     label_in_question)
 from attn_mod.data.samples import read_samples
 from attn_mod.tiny import build_tiny
 
@@ -30,15 +31,21 @@ CELL_PX = {"qwen2_5_vl": 28, "qwen3_vl": 32}
 # ----------------------------------------------------------------------------------------------- expectations
 
 
-def gqa_expected() -> dict[str, list[tuple]]:
+# question id -> object ids: SAYO's final target object(s) (default) and every id the program names
+FINAL_IDS = {
+    "05515938": ["1002"],  # select table -> relate cup (1002) -> exist: the cup
+    "05515939": ["1004", "1005"],  # select lamp -> relate chairs (1004,1005) -> query color: both chairs
+    "05515940": ["1002", "1003"],  # and(verify cup, verify lamp): both branches
+    "07811001": ["2001"],  # the cat, hanging over the right and bottom borders
+}
+PROGRAM_IDS = {**FINAL_IDS, "05515938": ["1001", "1002"], "05515939": ["1003", "1004", "1005"]}
+
+
+def gqa_expected(targets: str = "final") -> dict[str, list[tuple]]:
     """question id -> pixel boxes, straight from the fixture's objects (x, y, w, h) clipped to the image."""
     qs = json.loads((DATA / "gqa" / "questions.json").read_text())
     sg = json.loads((DATA / "gqa" / "scene_graphs.json").read_text())
-    want = {
-        "05515938": ["1001", "1002"],  # select table (1001) -> relate cup (1002)
-        "05515939": ["1003", "1004", "1005"],  # lamp, then both chairs
-        "07811001": ["2001"],  # the cat, hanging over the right and bottom borders
-    }
+    want = FINAL_IDS if targets == "final" else PROGRAM_IDS
     out = {}
     for qid, ids in want.items():
         g = sg[qs[qid]["imageId"]]
@@ -80,7 +87,7 @@ def convert_all(tmp_path: Path):
 
 def test_converters_produce_the_expected_boxes(tmp_path):
     g, c, t = convert_all(tmp_path)
-    assert g.written == 3 and dict(g.skipped) == {"no_target": 2, "unknown_object_ids": 1}
+    assert g.written == 4 and dict(g.skipped) == {"no_target": 2, "unknown_object_ids": 1}
     assert c.written == 2 and dict(c.skipped) == {"no_target": 1}
     assert t.written == 2 and not t.skipped
     want = {**gqa_expected(), **refocus_expected()}
@@ -100,14 +107,22 @@ def test_converters_produce_the_expected_boxes(tmp_path):
     assert got["gqa-07811001"].answer_type == "text"
     assert got["refocus-chartqa_1"].answer_type == "number"
     assert got["gqa-05515939"].meta["source"]["fullAnswer"] == "The chairs are brown."
-    assert [o["name"] for o in got["gqa-05515939"].meta["target_objects"]] == ["lamp", "chair", "chair"]
+    assert [o["name"] for o in got["gqa-05515939"].meta["target_objects"]] == ["chair", "chair"]
 
 
-def test_gqa_annotation_targets_and_helpers(tmp_path):
+def test_gqa_program_and_annotation_targets_and_helpers(tmp_path):
+    res = convert_gqa(DATA / "gqa" / "questions.json", DATA / "gqa" / "scene_graphs.json", DATA / "gqa" / "images",
+                      tmp_path / "p.jsonl", targets="program", progress=False)
+    got = {s.id: s for s in read_samples(res.path)}
+    for sid, boxes in gqa_expected("program").items():
+        assert [tuple(b) for b in got[sid].boxes[0]] == [tuple(float(v) for v in b) for b in boxes], sid
     res = convert_gqa(DATA / "gqa" / "questions.json", DATA / "gqa" / "scene_graphs.json", DATA / "gqa" / "images",
                       tmp_path / "a.jsonl", targets="annotations", progress=False)
     got = {s.id: s for s in read_samples(res.path)}
     assert len(got["gqa-05515939"].boxes[0]) == 3  # annotation ids "1004,1005" and "1003"
+    assert gqa_final_object_ids([{"argument": "a (1)"}, {"argument": "b (2)", "dependencies": [0]},
+                                 {"argument": "?", "dependencies": [1]}]) == ["2"]
+    assert gqa_final_object_ids([{"argument": "x", "dependencies": [0]}]) == []  # a self-loop ends
     assert gqa_program_object_ids([{"argument": "cup,on,o (12,34)"}, {"argument": "dog (-)"},
                                    {"argument": "table (12)"}, {"argument": "color"}]) == ["12", "34"]
     assert label_in_question("GDP", "What is the gdp of Japan?")
@@ -183,4 +198,4 @@ def test_boxes_become_the_predicted_target_tokens(tmp_path, family):
                 partial += len(want) < n_vis
     finally:
         handle.remove()
-    assert partial >= 5  # most targets are a strict part of the image: the test discriminates cells
+    assert partial >= 6  # most targets are a strict part of the image: the test discriminates cells

@@ -27,8 +27,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scene-graphs", help="gqa: scene graphs JSON ({image_id: {width, height, objects}})")
     g.add_argument("--images", help="gqa: image folder (<imageId>.jpg); refocus: base of figure_path "
                                     "(default: the annotation file's folder)")
-    g.add_argument("--targets", choices=["program", "annotations"], default="program",
-                   help="gqa: which object ids become TARGET boxes (default: every id the semantic program names)")
+    g.add_argument("--targets", choices=["final", "program", "annotations"], default="final",
+                   help="gqa: which object ids become TARGET boxes: the program's final target object(s) "
+                        "(default), every id the program names, or the annotation ids")
     g.add_argument("--annotations", help="refocus: a *_wbb.json annotation file")
     g.add_argument("--kind", choices=["auto", "chart", "table"], default="auto", help="refocus: annotation kind")
     g.add_argument("--units", choices=["normalized", "pixel"], default="normalized",

@@ -22,10 +22,13 @@ GQA (the released balanced-questions and scene-graph JSON files):
   "objects": {object_id: {"name": str, "x": int, "y": int, "w": int, "h": int}}}}`` (pixels, top-left origin).
 * images: ``<images>/<imageId>.jpg`` (or .png / .jpeg).
 
-Target objects (``targets=``): ``"program"`` (default) = every object id the semantic program names: the
-parenthesised, comma-separated ids at the end of each ``argument`` (``"table (2354786)"``,
-``"cup,on,o (123,456)"``; ``-`` means none). ``"annotations"`` = the ids of ``annotations.question``,
-``.answer`` and ``.fullAnswer``. Box of an object: ``(x, y, x + w, y + h)`` clipped to the image.
+Object ids of a program step: the parenthesised, comma-separated ids at the end of its ``argument``
+(``"table (2354786)"``, ``"cup,on,o (123,456)"``; ``-`` means none). Target objects (``targets=``):
+``"final"`` (default; SAYO's "final target object") = the ids of the last step, or, when it names none (exist,
+query, and, compare ...), of the steps it depends on, followed back through ``dependencies`` until a step names
+ids (both branches of and / or / compare); ``"program"`` = every id the program names; ``"annotations"`` =
+the ids of ``annotations.question``, ``.answer`` and ``.fullAnswer``. Box of an object:
+``(x, y, x + w, y + h)`` clipped to the image.
 
 ReFocus (the ``*_wbb.json`` files of the ReFocus code release, ``{id: example}`` or a list with ``"id"``):
 
@@ -62,10 +65,11 @@ from ..eval.prompts import COT_INSTRUCTIONS, DEFAULT_INSTRUCTIONS, build_prompt
 from ..eval.scoring import parse_number
 from .samples import parse_sample, write_samples
 
-__all__ = ["ConvertResult", "convert_gqa", "convert_refocus", "gqa_program_object_ids", "label_in_question",
+__all__ = ["ConvertResult", "convert_gqa", "convert_refocus", "gqa_final_object_ids", "gqa_program_object_ids", "label_in_question",
            "summary_table"]
 
 _IDS_AT_END = re.compile(r"\(([^()]*)\)\s*$")
+GQA_TARGETS = ("final", "program", "annotations")
 
 
 @dataclass
@@ -146,19 +150,42 @@ def _bar(records: list, desc: str, progress: bool) -> Iterator:
 # ------------------------------------------------------------------------------------------------ GQA
 
 
+def _step_ids(step: Any) -> list[str]:
+    arg = step.get("argument", "") if isinstance(step, Mapping) else ""
+    m = _IDS_AT_END.search(str(arg))
+    return [p.strip() for p in m.group(1).split(",") if p.strip() and p.strip() != "-"] if m else []
+
+
+def _dedupe(ids) -> list[str]:
+    out: list[str] = []
+    for i in ids:
+        if i not in out:
+            out.append(i)
+    return out
+
+
 def gqa_program_object_ids(semantic: Any) -> list[str]:
     """Object ids named by a GQA semantic program (order of first appearance, no duplicates)."""
-    out: list[str] = []
-    for step in semantic or []:
-        arg = step.get("argument", "") if isinstance(step, Mapping) else ""
-        m = _IDS_AT_END.search(str(arg))
-        if not m:
-            continue
-        for part in m.group(1).split(","):
-            part = part.strip()
-            if part and part != "-" and part not in out:
-                out.append(part)
-    return out
+    return _dedupe(i for step in semantic or [] for i in _step_ids(step))
+
+
+def gqa_final_object_ids(semantic: Any) -> list[str]:
+    """Ids of the program's final target object(s): the last step's ids, else those of the steps it depends
+    on (followed back until a step names ids; every branch)."""
+    steps = list(semantic or [])
+    seen: set[int] = set()
+
+    def walk(i: int) -> list[str]:
+        if not 0 <= i < len(steps) or i in seen:
+            return []
+        seen.add(i)
+        ids = _step_ids(steps[i])
+        if ids:
+            return ids
+        deps = steps[i].get("dependencies", []) if isinstance(steps[i], Mapping) else []
+        return [x for d in deps if isinstance(d, int) for x in walk(d)]
+
+    return _dedupe(walk(len(steps) - 1)) if steps else []
 
 
 def _gqa_annotation_ids(ann: Any) -> list[str]:
@@ -181,11 +208,11 @@ def _find_image(folder: Path, image_id: str) -> Path | None:
 
 
 def convert_gqa(questions: str | os.PathLike, scene_graphs: str | os.PathLike, images: str | os.PathLike,
-                out: str | os.PathLike, *, targets: str = "program", system: str | None = None,
+                out: str | os.PathLike, *, targets: str = "final", system: str | None = None,
                 instructions: str = "cot", limit: int | None = None, progress: bool = True) -> ConvertResult:
     """GQA questions + scene graphs -> training JSONL at `out` (see the module doc for the fields read)."""
-    if targets not in ("program", "annotations"):
-        raise ValueError(f"targets must be 'program' or 'annotations', got {targets!r}")
+    if targets not in GQA_TARGETS:
+        raise ValueError(f"targets must be one of {GQA_TARGETS}, got {targets!r}")
     if instructions not in ("default", "cot"):
         raise ValueError(f"instructions must be 'default' or 'cot', got {instructions!r}")
     folder = Path(images)
@@ -222,8 +249,9 @@ def convert_gqa(questions: str | os.PathLike, scene_graphs: str | os.PathLike, i
         if not sizes_checked[image_id]:
             skipped["size_mismatch"] += 1
             continue
-        ids = gqa_program_object_ids(q.get("semantic")) if targets == "program" else \
-            _gqa_annotation_ids(q.get("annotations"))
+        ids = (gqa_final_object_ids(q.get("semantic")) if targets == "final" else
+               gqa_program_object_ids(q.get("semantic")) if targets == "program" else
+               _gqa_annotation_ids(q.get("annotations")))
         known = [i for i in ids if i in objects]
         if len(known) < len(ids):
             skipped["unknown_object_ids"] += len(ids) - len(known)

@@ -223,3 +223,47 @@ def ref_avar(attns, cats, rows, eps=1e-6):
                     n += 1
         out.append((img / n) / (sys_ / n + eps))
     return out
+
+
+def rollout_batch(proc, specs, completions, *, max_new: int | None = None, seed: int = 0):
+    """Teacher-forced prompt + completion batch as a GRPO scorer sees it: left-padded prompts (generation
+    prompt), then completions right-padded after EOS (a completion of `max_new` tokens may lack EOS).
+
+    Returns (batch, completion_ids (B, T), prompt_len)."""
+    texts = [proc.apply_chat_template(messages(q, system=s, image=size is not None, answer=None),
+                                      add_generation_prompt=True, tokenize=False) for q, s, size, _ in specs]
+    images = [random_image(*size, seed=seed + i) for i, (_, _, size, _) in enumerate(specs) if size is not None]
+    batch = dict(proc(text=texts, images=images or None, return_tensors="pt", padding=True))
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].double()
+    tok = proc.tokenizer
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    rows = []
+    for text in completions:
+        ids = tok.encode(text, add_special_tokens=False)
+        if max_new is None or len(ids) < max_new:
+            ids = ids + [eos]
+        rows.append(ids)
+    T = max(len(r) for r in rows) if max_new is None else max_new
+    comp = torch.full((len(rows), T), pad, dtype=torch.long)
+    for b, r in enumerate(rows):
+        comp[b, :len(r)] = torch.tensor(r[:T])
+    valid = torch.zeros_like(comp)
+    for b, r in enumerate(rows):
+        valid[b, :min(len(r), T)] = 1
+    P = batch["input_ids"].shape[1]
+    batch["input_ids"] = torch.cat([batch["input_ids"], comp], dim=1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], valid], dim=1)
+    batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], dim=1)
+    return batch, comp, P
+
+
+def target_mask(batch, fractions):
+    """(B, S) bool: the first `fractions[b]` share of sample b's image tokens (at least one if > 0)."""
+    mm = batch["mm_token_type_ids"] == 1
+    out = torch.zeros_like(mm)
+    for b, f in enumerate(fractions):
+        idx = mm[b].nonzero().flatten()
+        if f > 0 and len(idx):
+            out[b, idx[:max(1, int(f * len(idx)))]] = True
+    return out

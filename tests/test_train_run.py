@@ -162,6 +162,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     resumed = _run_cli(base + [f"output_dir={out}", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]  # last K=2
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(tmp_path / "full" / "metrics.jsonl")
     a = load_file(out / "final" / "model.safetensors")
     b = load_file(tmp_path / "full" / "final" / "model.safetensors")
@@ -200,3 +201,152 @@ def test_two_process_ddp_matches_one_process_same_global_batch(tmp_path):
     w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_shipped_sft_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(TINY_SFT).parent.glob("*.yaml")):
+        import yaml
+
+        if (yaml.safe_load(path.read_text()) or {}).get("recipe", "sft") != "sft":
+            continue
+        cfg = load_train_config(path)
+        assert cfg.recipe == "sft" and cfg.objective is not None
+    cold = load_train_config(Path(TINY_SFT).parent / "avar_coldstart.yaml")
+    assert (cold.optim.lr, cold.data.cutoff, cold.objective.lambda_img, cold.objective.lambda_sys,
+            cold.objective.layers) == (1e-5, 8192, 0.15, 0.15, "all")
+
+
+def test_reference_backward_keeps_o_n_memory_and_exact_gradients():
+    """Under autograd the torch operator recomputes each query chunk in backward: what it saves for backward
+    is O(Q) (no Q x K matrix), and the gradients equal those of the unchunked operator."""
+    from attn_mod.kernels.reference import category_attention_reference
+    from attn_mod.kernels.spec import CategoryTransform
+
+    B, Hkv, G, Q, D = 1, 2, 2, 96, 8
+    q = torch.randn(B, Hkv * G, Q, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, Q, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, Q, D, dtype=torch.float64, requires_grad=True)
+    cat = torch.randint(1, 6, (B, Q))
+    cat[:, :3] = 0
+    tr = CategoryTransform.from_lists(w={3: 1.3, 1: 0.6}, mul={2: 1.1})
+    g_out, g_mass = torch.randn(B, Hkv * G, Q, D, dtype=torch.float64), torch.randn(B, Hkv * G, Q, 8,
+                                                                                   dtype=torch.float64)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    grads = []
+    for chunk in (Q, 8):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            r = category_attention_reference(q, k, v, cat, tr, return_mass=True, chunk_size=chunk)
+        loss = (r.out * g_out).sum() + (r.mass * g_mass).sum()
+        grads.append(torch.autograd.grad(loss, (q, k, v)))
+        if chunk == Q:  # one chunk = no checkpoint: autograd keeps the Hq x Q x K probabilities
+            assert max(saved) >= Hkv * G * Q * Q
+        else:  # checkpointed chunks: nothing of size Hq x Q x K is kept for backward
+            assert max(saved, default=0) < Hkv * G * Q * Q // 4, max(saved)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_resume_in_process_continues_and_rejects_changed_batch(tmp_path):
+    cfg = _cfg(tmp_path, "schedule.max_steps=2", "checkpoint.every=1")
+    r = SFTRecipe(cfg)
+    r.setup()
+    first = r.train()
+    r.cleanup()
+    longer = _cfg(tmp_path, "schedule.max_steps=3", "checkpoint.every=1")
+    r = SFTRecipe(longer, resume=True)
+    r.setup()
+    assert r.start_step == 2
+    rows = r.train()
+    r.cleanup()
+    assert rows[:2] == first and [row["step"] for row in rows] == [1, 2, 3]
+    assert read_jsonl(tmp_path / "out" / "metrics.jsonl") == rows
+    changed = _cfg(tmp_path, "schedule.max_steps=4", "schedule.batch_size=1")
+    with pytest.raises(ValueError, match="schedule.batch_size differ"):
+        r = SFTRecipe(changed, resume=True)
+        try:
+            r.setup()
+        finally:
+            r.cleanup()
+
+
+def test_bf16_autocast_step_runs_and_stays_close_to_fp32(tmp_path):
+    rows, _ = _train(tmp_path, "fp32", "schedule.max_steps=1", "checkpoint.save_final=false")
+    rows_bf16, _ = _train(tmp_path, "bf16", "schedule.max_steps=1", "precision.mixed=bf16",
+                          "checkpoint.save_final=false")
+    for k in ("loss", "loss_lm", "loss_img", "loss_sys"):
+        assert rows_bf16[0][k] == pytest.approx(rows[0][k], rel=0.05, abs=0.05), k
+        assert rows_bf16[0][k] != rows[0][k] or k == "loss_img", k  # autocast really ran in bf16
+
+
+def test_checkpoint_write_is_atomic_and_prunes_to_keep(tmp_path, monkeypatch):
+    from attn_mod.trainers.checkpoint import Checkpointer
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck = Checkpointer(tmp_path / "ck", keep=2)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, samples_seen=0, metrics=[], config={})
+    for step in (1, 2, 3):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        ck.save(step, **{**kw, "metrics": [{"step": step}]})
+    assert [p.name for p in ck.list()] == ["step-0000002", "step-0000003"]
+    real_save = torch.save
+
+    def failing(obj, f, *a, **k):
+        if str(f).endswith("scheduler.pt"):
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError):
+        ck.save(4, **kw)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ck.latest().name == "step-0000003"  # the interrupted write is invisible
+    want = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    state = ck.load(ck.latest(), model=model, optimizer=opt, scheduler=sched)
+    assert state.step == 3 and state.metrics == [{"step": 3}] and torch.equal(model.weight, want)
+    ck.save(5, **kw)  # the next save clears the stale temporary folder
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow
+def test_train_memory_bench_smoke(tmp_path):
+    from pathlib import Path
+
+    root = Path(TINY_SFT).parents[2]
+    md = tmp_path / "RESULTS.md"
+    md.write_text("kept\n")
+    res = subprocess.run([sys.executable, str(root / "bench" / "train_memory.py"), "--seqs", "300", "--layers", "1",
+                          "--out", str(tmp_path / "tm.json"), "--results-md", str(md)], env=env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "tm.json").read_text())
+    assert {r["mode"] for r in rows} == {"attn_mod", "eager"}
+    a, e = sorted(rows, key=lambda r: r["mode"])
+    assert a["seq"] == e["seq"] > 250 and a["loss"] == pytest.approx(e["loss"], rel=1e-5)  # same objective
+    assert md.read_text().startswith("kept\n") and f"| {a['seq']} | 1 |" in md.read_text()
+
+
+def test_model_from_path_and_final_dir_loads_back(tmp_path):
+    from attn_mod.loading import load_model
+    from attn_mod.tiny import save_tiny
+
+    path = save_tiny("qwen2_5_vl", tmp_path / "init")
+    rows, params = _train(tmp_path, "frompath", "model.tiny=null", f"model.path={path}", "schedule.max_steps=1")
+    model, processor = load_model(tmp_path / "frompath" / "final")
+    assert processor.tokenizer.chat_template
+    trained = dict(model.named_parameters())
+    for n, p in params.items():
+        torch.testing.assert_close(trained[n], p, rtol=0, atol=0)
+    assert rows[0]["step"] == 1 and rows[0]["samples_img"] > 0

@@ -122,6 +122,10 @@ class Collator:
         """The sample's `Encoded`, or a string saying why it was dropped ("too long" / "cut image" ...).
         Raises SampleFormatError (naming the sample's line) for data that cannot be used at all."""
         images = sample.load_images()
+        if images and getattr(self.processor, "image_processor", None) is None:
+            raise ValueError(f"{sample.where}: the sample has images but the processor "
+                             f"({type(self.processor).__name__}) has no image processor; load the model's full "
+                             "processor (attn_mod.loading.load_processor), not only its tokenizer")
         kwargs = dict(text=[self.render(sample)], return_tensors="pt")
         if images:
             kwargs["images"] = images

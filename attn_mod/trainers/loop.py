@@ -95,11 +95,12 @@ class Recipe:
         self.accelerator = self._setup_accelerator()
         self.is_main = self.accelerator.is_main_process
         self._check_output_dir()
-        self.model, self.processor = self._setup_model()
+        self.processor, model_config = self._setup_processor()
+        self.collator, self.dataset = self._setup_data(model_config)  # data errors before the weights load
+        self.model, _ = self._setup_model()
         self.handle = patch(self.model, self.processor, backend=self.cfg.model.backend,
                             sink_category=self.cfg.model.sink_category)
         self.peft_model = self._setup_lora()
-        self.collator, self.dataset = self._setup_data()
         self.total_steps = self._total_steps()
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
@@ -129,13 +130,28 @@ class Recipe:
             raise ValueError(f"output_dir {str(self.out)!r} already holds a run (metrics.jsonl / checkpoints); "
                              "pass --resume to continue it or choose another output_dir")
 
+    def _setup_processor(self):
+        """(processor, model config) without loading any weights."""
+        m = self.cfg.model
+        if m.tiny is not None:
+            from ..tiny import build_processor, tiny_config
+
+            processor = build_processor(m.tiny)
+            return processor, tiny_config(m.tiny, processor.tokenizer, **m.tiny_kwargs)
+        from transformers import AutoConfig
+
+        from ..loading import load_processor, model_type_of
+
+        model_type = model_type_of(m.path)  # clear errors for a missing / non-HF directory
+        return load_processor(m.path, model_type), AutoConfig.from_pretrained(m.path, local_files_only=True)
+
     def _setup_model(self):
         m = self.cfg.model
         dtype = getattr(torch, m.dtype)  # validated: float32 | bfloat16 | float16 | float64
         if m.tiny is not None:
             from ..tiny import build_tiny
 
-            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype)
+            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype, **m.tiny_kwargs)
         else:
             from ..loading import load_model
 
@@ -170,15 +186,17 @@ class Recipe:
                             target_modules=rf".*language_model.*\.({targets})")
         return get_peft_model(self.model, config)
 
-    def _setup_data(self):
+    def _setup_data(self, model_config):
+        from ..regions import FAMILY_GEOMETRY
+
         d = self.cfg.data
         samples = load_train_samples(d.train, require_assistant=self.require_assistant, limit=d.limit,
                                      system_prompt=d.system_prompt)
-        family = getattr(self.handle.state.adapter, "name", None)
-        collator = Collator(self.processor, image_token_id=getattr(self.model.config, "image_token_id", None),
+        family = getattr(model_config, "model_type", None)
+        collator = Collator(self.processor, image_token_id=getattr(model_config, "image_token_id", None),
                             cutoff=d.cutoff, overflow=d.overflow, padding_side=d.padding_side,
                             box_convention=d.box_convention, box_rule=d.box_rule,
-                            family=None if family == "generic" else family, train_on=self.train_on)
+                            family=family if family in FAMILY_GEOMETRY else None, train_on=self.train_on)
         dataset = EncodedDataset(samples, collator, progress=self.cfg.logging.progress and
                                  self.accelerator.is_main_process)
         return collator, dataset
@@ -216,6 +234,7 @@ class Recipe:
             print(f"attn-mod train: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
         if latest is None:
             return
+        self._check_resumable(self.checkpointer.read_state(latest), latest)
         ckpt = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.start_step = ckpt.step
         self.metrics_rows = ckpt.metrics
@@ -226,6 +245,26 @@ class Recipe:
             tmp.replace(self.metrics_path)
             print(f"attn-mod train: resumed from {latest} (step {ckpt.step})")
         self.accelerator.wait_for_everyone()
+
+    # settings that decide the data order and the meaning of a step: a resumed run must keep them
+    RESUME_KEYS = (("recipe",), ("data", "train"), ("data", "shuffle"), ("data", "limit"), ("schedule", "seed"),
+                   ("schedule", "batch_size"), ("schedule", "gradient_accumulation_steps"), ("lora", "enabled"))
+
+    def _check_resumable(self, ckpt, path) -> None:
+        saved = json.loads((path / "state.json").read_text()).get("config", {})
+        now = self.cfg.to_dict()
+
+        def get(d, keys):
+            for k in keys:
+                d = d.get(k) if isinstance(d, dict) else None
+            return d
+
+        diff = [".".join(k) for k in self.RESUME_KEYS if get(saved, k) != get(now, k)]
+        if not diff and ckpt.samples_seen != ckpt.step * self.global_batch():
+            diff.append("number of processes (global batch)")
+        if diff:
+            raise ValueError(f"cannot resume from {path}: {', '.join(diff)} differ from the checkpoint's run; "
+                             "resume with the same settings or start a new output_dir")
 
     def _write_run_files(self) -> None:
         if not self.is_main:
@@ -372,7 +411,14 @@ class Recipe:
         try:
             self.processor.save_pretrained(path)
         except Exception:  # noqa: BLE001 - tiny processors without a video processor cannot be saved whole
-            getattr(self.processor, "tokenizer", self.processor).save_pretrained(path)
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            # as attn_mod.tiny.save_tiny does: no processor_class naming the unimportable wrapper class, so that
+            # attn_mod.loading.load_processor rebuilds the full processor instead of returning the bare tokenizer
+            kept, tok._processor_class = getattr(tok, "_processor_class", None), None
+            try:
+                tok.save_pretrained(path)
+            finally:
+                tok._processor_class = kept
             ip = getattr(self.processor, "image_processor", None)
             if ip is not None:
                 ip.save_pretrained(path)
@@ -383,6 +429,11 @@ class Recipe:
         acc = getattr(self, "accelerator", None)
         if acc is not None:
             acc.end_training()
+            from accelerate.state import AcceleratorState
+
+            # the accelerate state is a process-wide singleton: forget this run's settings (mixed precision ...)
+            # so that a next recipe in the same process can choose its own; the process group is kept
+            AcceleratorState._reset_state()
 
 
 def run(cfg: TrainConfig, *, resume: bool = False) -> list[dict]:

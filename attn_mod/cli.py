@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("attn_mod.eval.sweep_cli", "evaluate one intervention on local benchmarks"),
     "train": ("attn_mod.trainers.cli", "train with attention objectives (SFT / GRPO recipes from a YAML config)"),
     "study": ("attn_mod.eval.study", "accuracy vs attention (VAS, target attention) over sweep / eval runs"),
+    "data": ("attn_mod.data.cli", "training data: AVAR synthesis, SAYO grounded converters, difficulty filter"),
 }
 
 

@@ -1,6 +1,8 @@
 """Families beyond Qwen (LLaVA-1.5, ...): patched tiny models against the model's own eager attention and the
 independent eager formula of tests/test_patch_models.py; pixel boxes against the real processor's pixels."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -314,3 +316,183 @@ def test_internvl_set_target_boxes_label_target_tokens():
     assert torch.equal(handle.categories[:, :batch["input_ids"].shape[1]].long(), want)
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
     handle.remove()
+
+
+# ------------------------------------------------------------ a family the library does not know
+# The user's own LLaMA-based VLM: 24x24 px images cut into 8-px patches, embedded by a linear layer and
+# written over the <|image_pad|> placeholders in COLUMN-major patch order (so the library cannot guess it).
+# attn-mod knows nothing of it: labels come from the user (categories="explicit") and pixel boxes from the
+# user's own geometry function through attn_mod.regions.cells_target_mask.
+IMG_PX, PATCH = 24, 8
+GRID = IMG_PX // PATCH
+
+
+def _tiny_llama_vlm(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attn_mod.tiny import build_tokenizer
+
+    class TinyLlamaVLM(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.patch_embed = torch.nn.Linear(3 * PATCH * PATCH, config.hidden_size)
+
+        def forward(self, input_ids=None, pixel_values=None, inputs_embeds=None, **kwargs):
+            if pixel_values is not None and input_ids is not None and (input_ids == self.config.image_token_id).any():
+                p = pixel_values.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)  # (N, 3, rows, cols, P, P)
+                p = p.permute(0, 3, 2, 1, 4, 5).reshape(pixel_values.shape[0] * GRID * GRID, -1)  # column-major
+                inputs_embeds = self.model.embed_tokens(input_ids).clone()
+                inputs_embeds[input_ids == self.config.image_token_id] = self.patch_embed(p)
+                input_ids = None
+            return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    tok = build_tokenizer("qwen2_5_vl")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.pad_token_id)
+    cfg.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    torch.manual_seed(seed)
+    model = TinyLlamaVLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(8.0)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _user_preprocess(images):
+    """The user's processor: resize to 24x24 (bilinear), scale to [0, 1]."""
+    arrs = [np.asarray(im.convert("RGB").resize((IMG_PX, IMG_PX), Image.BILINEAR), dtype=np.float32) / 255
+            for im in images]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def user_cells(image_size):
+    """The user's geometry function: the original-pixel cell of each visual token, in the model's order."""
+    h, w = image_size
+    sx, sy = Fraction(w, IMG_PX), Fraction(h, IMG_PX)
+    return [(c * PATCH * sx, r * PATCH * sy, (c + 1) * PATCH * sx, (r + 1) * PATCH * sy)
+            for c in range(GRID) for r in range(GRID)]
+
+
+def _custom_batch(tok, questions, sizes, seed=0):
+    texts = [tok.apply_chat_template([{"role": "user", "content": "<|image_pad|>" * GRID * GRID + q}],
+                                     add_generation_prompt=True, tokenize=False) for q in questions]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    images = [random_image(w, h, seed + i) for i, (w, h) in enumerate(sizes)]
+    return dict(enc, pixel_values=_user_preprocess(images))
+
+
+def _user_categories(tok, batch, image_token_id):
+    """The user's labels: system turn (through the first <|im_end|>) SYSTEM, placeholders IMAGE, PAD, TEXT."""
+    ids, am = batch["input_ids"], batch["attention_mask"].bool()
+    cats = torch.full(ids.shape, TEXT, dtype=torch.long)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for b in range(ids.shape[0]):
+        cats[b, am[b].nonzero()[0].item():(ids[b] == end).nonzero()[0].item() + 1] = SYSTEM
+    cats[ids == image_token_id] = IMAGE
+    cats[~am] = PAD
+    return cats
+
+
+def test_unknown_family_is_refused_with_the_escape_hatch():
+    model, tok = _tiny_llama_vlm()
+    with pytest.raises(attn_mod.UnsupportedModelError,
+                       match=r"supported families: qwen2_5_vl, qwen3_vl, llava, internvl.*categories='explicit'"
+                             r".*set_categories"):
+        attn_mod.patch(model, tok)
+
+
+def test_unknown_family_explicit_labels_and_user_geometry():
+    import copy
+
+    model, tok = _tiny_llama_vlm()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    img = model.config.image_token_id
+    sizes = [(130, 90), (50, 70)]
+    batch = _custom_batch(tok, QUESTIONS, sizes)
+    cats = _user_categories(tok, batch, img)
+    handle = attn_mod.patch(model, categories="explicit", backend="torch")
+    handle.set_categories(cats)
+    # identity: the model's own eager logits; masses: eager attentions summed per category
+    with torch.no_grad():
+        ref = eager(**batch, output_attentions=True)
+        with attn_mod.capture(model) as rec:
+            out = model(**batch)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[valid], ref.logits[valid], atol=1e-5, rtol=0)
+    for layer, attn in enumerate(ref.attentions):
+        want = torch.einsum("bhqk,bkc->bhqc", attn.float(), onehot(cats))
+        torch.testing.assert_close(rec.mass(layer).permute(0, 2, 1, 3)[valid], want.permute(0, 2, 1, 3)[valid],
+                                   atol=1e-5, rtol=0)
+
+    # pixel boxes through the user's geometry: checked against the user's own preprocessing and patch order
+    for (w, h) in sizes:
+        for box in random_boxes(w, h, 4):
+            pv = lambda im: _user_preprocess([im])  # noqa: E731
+            lo, hi = pv(Image.new("RGB", (w, h), 0)), pv(Image.new("RGB", (w, h), (255, 255, 255)))
+            frac = ((pv(_box_image(w, h, box)) - lo) / (hi - lo)).mean(1).clamp(0, 1)
+            sq = frac.unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH).transpose(1, 2)  # column-major tokens
+            m = PATCH // 2
+            fills = sq.mean((-1, -2)).flatten(), sq[..., m - 1:m + 1, m - 1:m + 1].mean((-1, -2)).flatten()
+            check_boxes_against_pixels(user_cells((h, w)), fills, box, (h, w))
+    boxes = [[(0, 0, 60, 40)], None]
+    mask = attn_mod.regions.cells_target_mask(batch["input_ids"], img, [user_cells((h, w)) for w, h in sizes],
+                                              boxes, [(h, w) for w, h in sizes])
+    idx = attn_mod.regions.select_cells(user_cells((90, 130)), boxes[0][0], (90, 130))
+    want_mask = torch.zeros_like(mask)
+    want_mask[0, (batch["input_ids"][0] == img).nonzero().flatten()[idx]] = True
+    assert torch.equal(mask, want_mask) and 0 < idx.numel() < GRID * GRID
+    tcats = cats.clone()
+    tcats[mask] = TARGET
+
+    # an intervention with TARGET equals the independent eager formula
+    iv = Intervention(mul={"visual": 1.3}, w={"target": 2.0, "system": 0.5}, add={"text": 0.2}, renorm=True)
+    handle.update(intervention=iv)
+    handle.set_categories(tcats)
+    with torch.no_grad():
+        got = model(**batch).logits
+        set_reference(iv, tcats, 2, 4)
+        eager.set_attn_implementation("test_eager_formula")
+        want = eager(**batch).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=0)
+    assert (got[valid] - out.logits[valid]).abs().max() > 1e-2
+
+    # left-padded batched generate == one prompt at a time (explicit labels per prefill)
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    handle.set_categories(cats)
+    together = model.generate(**batch, **kw)
+    for i in range(2):
+        single = _custom_batch(tok, [QUESTIONS[i]], [sizes[i]], seed=i)
+        handle.set_categories(_user_categories(tok, single, img))
+        alone = model.generate(**single, **kw)
+        assert torch.equal(together.sequences[i, -5:], alone.sequences[0, -5:])
+        for s_b, s_a in zip(together.scores, alone.scores):
+            torch.testing.assert_close(s_b[i], s_a[0], atol=1e-4, rtol=0)
+    handle.remove()
+
+
+def test_unknown_family_training_gradients_match_eager():
+    import copy
+
+    model, tok = _tiny_llama_vlm()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    batch = _custom_batch(tok, QUESTIONS, [(130, 90), (50, 70)])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -4:] = batch["input_ids"][:, -4:]
+    cats = _user_categories(tok, batch, model.config.image_token_id)
+    cats[labels != -100] = RESPONSE
+    for m in (model, eager):
+        m.train()
+    eager(**batch, labels=labels).loss.backward()
+    attn_mod.patch(model, categories="explicit").set_categories(cats)
+    model(**batch, labels=labels).loss.backward()
+    n = 0
+    for (name, p), (_, pe) in zip(model.named_parameters(), eager.named_parameters()):
+        if pe.grad is not None:
+            torch.testing.assert_close(p.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
+            n += 1
+    assert n > 10 and model.patch_embed.weight.grad.abs().sum() > 0

@@ -218,6 +218,8 @@ def save_tiny(family: str, path: str | Path, **kwargs) -> Path:
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
+    if family == "llava":  # LlavaProcessor saves (patch_size, feature strategy); others lack a video processor
+        processor.save_pretrained(path)
     (path / "attn_mod_tiny.json").write_text(json.dumps({"family": family}))
     return path
 

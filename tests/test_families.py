@@ -12,7 +12,7 @@ import attn_mod
 from attn_mod import Intervention
 from attn_mod.categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TEXT
 from attn_mod.tiny import LLAVA_SYSTEM
-from helpers import onehot, random_image, twin_models, vlm_inputs
+from helpers import chat_text, onehot, random_image, twin_models, vlm_inputs
 from test_patch_models import set_reference, valid_logits
 
 QUESTIONS = ["What color is the square?", "How many objects are there in the picture? Answer with a single letter."]
@@ -536,3 +536,43 @@ def test_save_and_load_tiny_round_trip(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
     handle.remove()
+
+
+LLAVA_HF_TEMPLATE = (  # llava-hf/llava-1.5-*-hf's template: no system text, images first, "USER: ... ASSISTANT:"
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_llava_system_span_variants():
+    """A custom system message replaces the default one (SYSTEM = BOS + its tokens); llava-hf's template has
+    no system text, so nothing is SYSTEM there (BOS alone is TEXT)."""
+    model, _, proc = twin_models("llava")
+    tok = proc.tokenizer
+    handle = attn_mod.patch(model, proc, backend="torch")
+    batch = vlm_inputs(proc, QUESTIONS[:1], SIZES[:1], system="You are a helpful assistant.")
+    with torch.no_grad():
+        model(**batch)
+    n_sys = len(tok.encode("<s>You are a helpful assistant.", add_special_tokens=False))
+    cats = handle.categories[0].long()
+    assert (cats[:n_sys] == SYSTEM).all() and (cats[n_sys:] != SYSTEM).all() and cats[n_sys] == TEXT
+    handle.remove()
+
+    saved = tok.chat_template
+    tok.chat_template = proc.chat_template = LLAVA_HF_TEMPLATE
+    try:
+        handle = attn_mod.patch(model, proc, backend="torch")
+        text = tok.bos_token + chat_text(proc, QUESTIONS[0])
+        assert text.startswith("<s>USER: <image>\n")
+        batch = proc(text=[text], images=[random_image(*SIZES[0])], return_tensors="pt")
+        with torch.no_grad():
+            model(**batch)
+        cats = handle.categories[0].long()
+        ids = batch["input_ids"][0]
+        assert not (cats == SYSTEM).any() and cats[0] == TEXT
+        assert torch.equal(cats == IMAGE, ids == model.config.image_token_id)
+        handle.remove()
+    finally:
+        tok.chat_template = proc.chat_template = saved

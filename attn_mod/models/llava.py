@@ -3,7 +3,8 @@ a fixed grid of CLIP patches per image.
 
 Roles. LLaVA-1.5's conversation format is "<s>{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>",
 the system prompt being plain text ("A chat between a curious human ..."). SYSTEM = every token from the
-first non-pad token (BOS included) up to the first " USER:" header; RESPONSE = assistant bodies (after
+first non-pad token (BOS included) up to the first " USER:" header, when that prefix holds any text (the
+llava-hf template has no system text: then BOS is TEXT); RESPONSE = assistant bodies (after
 " ASSISTANT:", through `</s>`), or the positions with labels != -100; IMAGE = `<image>` tokens; TEXT = the
 rest. The header ids are found by tokenizing the chat template's own rendering: the template prefix
 (system prompt) followed by the header must tokenize to the same ids as the rendered conversation starts
@@ -49,18 +50,20 @@ class PlainTurnMarkers:
     assistant_headers: tuple[tuple[int, ...], ...]
     turn_end: int
     visual_token_ids: tuple[int, ...]
+    special_ids: frozenset[int] = frozenset()
 
     def _next(self, ids, headers, start):
         hits = [(i, len(h)) for h in headers if (i := _find(ids, h, start)) >= 0]
         return min(hits) if hits else (-1, 0)
 
     def label_row(self, ids: list[int], mark_response: bool) -> list[int]:
-        """One unpadded row: SYSTEM before the first user header, RESPONSE assistant bodies, TEXT elsewhere."""
+        """One unpadded row: SYSTEM before the first user header, RESPONSE assistant bodies, TEXT elsewhere.
+        A prefix that is only special tokens (BOS, no system text) stays TEXT."""
         n = len(ids)
         first_user, _ = self._next(ids, self.user_headers, 0)
-        out = [SYSTEM] * (first_user if first_user >= 0 else 0) + [TEXT] * (n - max(first_user, 0))
-        if first_user < 0:  # no user turn at all: nothing is known to be system text
-            out = [TEXT] * n
+        out = [TEXT] * n
+        if first_user > 0 and any(i not in self.special_ids for i in ids[:first_user]):
+            out[:first_user] = [SYSTEM] * first_user
         if not mark_response:
             return out
         pos = max(first_user, 0)
@@ -83,7 +86,14 @@ def plain_turn_markers(tokenizer, *, user: str = "USER:", assistant: str = "ASSI
     if not template:
         raise ValueError("the tokenizer has no chat template; LLaVA labels need the template's 'USER:' turns "
                          "(or patch with categories='explicit' and handle.set_categories(cats))")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False)
+    rendered = ""
+    for content in ([{"type": "text", "text": SENTINEL}], SENTINEL):  # list content (llava-hf) or a string
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template may accept only one of the two content forms
+            continue
+        if SENTINEL in rendered:
+            break
     if SENTINEL not in rendered or user not in rendered.split(SENTINEL)[0]:
         raise ValueError(f"the chat template does not render a {user!r} turn; this is not a LLaVA-1.5-style "
                          "template: patch with categories='explicit' and handle.set_categories(cats)")
@@ -91,17 +101,18 @@ def plain_turn_markers(tokenizer, *, user: str = "USER:", assistant: str = "ASSI
     system_text = before[:before.rindex(user)].rstrip(" ")
     sep = before[len(system_text):before.rindex(user)]
     enc = lambda text: tuple(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    user_h = enc(sep + user)
+    headers = lambda word: tuple(dict.fromkeys(h for h in (enc(" " + word), enc(word)) if h))  # noqa: E731
     prefix, full = enc(system_text), enc(before)
-    if full[:len(prefix) + len(user_h)] != prefix + user_h:
+    after = full[len(prefix):]
+    if full[:len(prefix)] != prefix or not any(after[:len(h)] == h for h in headers(user)):
         raise ValueError(f"the template prefix {system_text[-40:]!r} and the header {sep + user!r} do not tokenize "
                          "separately; the system span cannot be located from token ids: patch with "
                          "categories='explicit' and handle.set_categories(cats)")
-    headers = lambda word: tuple(dict.fromkeys(h for h in (enc(" " + word), enc(word)) if h))  # noqa: E731
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token (the end of an assistant turn)")
-    return PlainTurnMarkers(headers(user), headers(assistant), int(eos), (int(image_token_id),))
+    special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", []))
+    return PlainTurnMarkers(headers(user), headers(assistant), int(eos), (int(image_token_id),), special)
 
 
 @dataclass(frozen=True)

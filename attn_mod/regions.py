@@ -517,7 +517,9 @@ __all__ = [
 # Families whose visual tokens are not a Qwen-style merged grid (LLaVA's crop, InternVL's tiles, a
 # user's own model) describe each image as a list of token cells: cell i = (x0, y0, x1, y1) in
 # ORIGINAL-image pixels covered by visual token i of that image's placeholder run, or None for a
-# token that is no image cell (a CLS or newline token). Selection follows the rules of the module doc.
+# token that is no image cell (a CLS or newline token). A cell may reach beyond the image (into padding the
+# processor added): overlap counts only its part inside the image, its centre is the centre of the whole
+# cell, and a cell entirely outside is never selected. Selection follows the rules of the module doc.
 
 Cell = "tuple[Fraction, Fraction, Fraction, Fraction] | None"
 
@@ -545,7 +547,7 @@ def select_cells(cells: Sequence, box, image_size, *, convention: str = "pixel",
         if cell is None:
             continue
         cx0, cy0, cx1, cy1 = (Fraction(v) for v in cell)
-        if cx1 <= cx0 or cy1 <= cy0:
+        if min(cx1, w) <= max(cx0, 0) or min(cy1, h) <= max(cy0, 0):
             continue  # a cell entirely in padding
         if _cell_axis_hit(x0, x1, cx0, cx1, Fraction(w), by) and _cell_axis_hit(y0, y1, cy0, cy1, Fraction(h), by):
             out.append(i)

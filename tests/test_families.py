@@ -200,7 +200,7 @@ def _token_fill(proc, image, cell):
         return proc.image_processor(images=[img], return_tensors="pt")["pixel_values"]
 
     lo, hi = pv(Image.new("RGB", image.size, 0)), pv(Image.new("RGB", image.size, (255, 255, 255)))
-    frac = ((pv(image) - lo) / (hi - lo)).mean(1).clamp(0, 1)  # (tiles, H, W)
+    frac = ((pv(image) - lo) / (hi - lo)).nan_to_num(0.0).mean(1).clamp(0, 1)  # (tiles, H, W); padding -> 0
     squares = frac.unfold(1, cell, cell).unfold(2, cell, cell)  # (tiles, rows, cols, cell, cell)
     m = cell // 2
     return squares.mean((-1, -2)).flatten(), squares[..., m - 1:m + 1, m - 1:m + 1].mean((-1, -2)).flatten()
@@ -576,3 +576,37 @@ def test_llava_system_span_variants():
         handle.remove()
     finally:
         tok.chat_template = proc.chat_template = saved
+
+
+
+@pytest.mark.parametrize("size", [(130, 90), (60, 84), (301, 47)])
+def test_llava_pad_to_square_boxes_match_processor(size):
+    """LLaVA's own pad-to-square preprocessing (LlavaImageProcessor(do_pad=True)): cells shift by the padding
+    offset and cells of the padding select nothing."""
+    from transformers import LlavaImageProcessorPil
+
+    from attn_mod.tiny import build_llava_processor
+
+    model, _, _ = twin_models("llava")
+    ip = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84})
+    proc = build_llava_processor(image_processor=ip)
+    w, h = size
+    geo = attn_mod.models.get_adapter(model).box_geometry(proc, model.config)
+    assert geo.pad_to_square
+    cells = geo.cells((h, w))
+    for box in random_boxes(w, h):
+        check_boxes_against_pixels(cells, _token_fill(proc, _box_image(w, h, box), proc.patch_size), box, (h, w))
+    full = attn_mod.regions.select_cells(cells, (0, 0, w, h), (h, w))
+    inside = [i for i, (x0, y0, x1, y1) in enumerate(cells) if min(x1, w) > max(x0, 0) and min(y1, h) > max(y0, 0)]
+    assert full.tolist() == inside  # cells entirely in the padding are never selected
+    if h * 3 < w:
+        assert len(inside) < len(cells)
+
+
+def test_llava_full_strategy_cls_token_is_no_cell():
+    model, _, proc = twin_models("llava")
+    proc.vision_feature_select_strategy = "full"
+    geo = attn_mod.models.get_adapter(model).box_geometry(proc, model.config)
+    cells = geo.cells((90, 130))
+    assert cells[0] is None and len(cells) == model.config.image_seq_length + 1
+    assert 0 not in attn_mod.regions.select_cells(cells, (0, 0, 130, 90), (90, 130)).tolist()

@@ -134,7 +134,8 @@ class CropGeometry:
         return int(self.size["height"]), int(self.size["width"])
 
     def cells(self, image_size) -> list:
-        """Per visual token: (x0, y0, x1, y1) in original pixels (Fractions), or None (CLS)."""
+        """Per visual token: (x0, y0, x1, y1) in original pixels (Fractions; beyond the image where the token
+        covers pad-to-square padding), or None (CLS)."""
         h, w = image_hw(image_size)
         pad_top = pad_left = 0
         ph, pw = h, w
@@ -154,7 +155,7 @@ class CropGeometry:
             for c in range(cw // self.patch):
                 y0, y1 = (top + r * self.patch) * sy - pad_top, (top + (r + 1) * self.patch) * sy - pad_top
                 x0, x1 = (left + c * self.patch) * sx - pad_left, (left + (c + 1) * self.patch) * sx - pad_left
-                cells.append((max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)))
+                cells.append((x0, y0, x1, y1))  # may reach into the padding (select_cells handles it)
         return cells
 
 

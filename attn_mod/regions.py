@@ -521,8 +521,6 @@ __all__ = [
 # processor added): overlap counts only its part inside the image, its centre is the centre of the whole
 # cell, and a cell entirely outside is never selected. Selection follows the rules of the module doc.
 
-Cell = "tuple[Fraction, Fraction, Fraction, Fraction] | None"
-
 
 def _cell_axis_hit(b0: Fraction, b1: Fraction, c0: Fraction, c1: Fraction, edge: Fraction, by: str) -> bool:
     if b0 == b1:  # zero extent: the cell containing the coordinate (half-open; the far image border belongs in)

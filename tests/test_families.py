@@ -610,3 +610,23 @@ def test_llava_full_strategy_cls_token_is_no_cell():
     cells = geo.cells((90, 130))
     assert cells[0] is None and len(cells) == model.config.image_seq_length + 1
     assert 0 not in attn_mod.regions.select_cells(cells, (0, 0, 130, 90), (90, 130)).tolist()
+
+
+def test_point_boxes_select_one_cell_per_view():
+    """A degenerate (point) box selects the one token containing it in each view of the image: one for LLaVA's
+    crop (when the point is not cropped away), one per tile and one in the thumbnail for InternVL."""
+    llava, _, lproc = twin_models("llava")
+    ivl, _, iproc = twin_models("internvl")
+    lgeo = attn_mod.models.get_adapter(llava).box_geometry(lproc, llava.config)
+    igeo = attn_mod.models.get_adapter(ivl).box_geometry(iproc, ivl.config)
+    gen = np.random.default_rng(0)
+    h, w = 180, 200  # InternVL: 2 x 2 tiles + thumbnail
+    icells = igeo.cells((h, w))
+    lcells = lgeo.cells((h, w))
+    for _ in range(20):
+        x, y = int(gen.integers(0, w + 1)), int(gen.integers(0, h + 1))
+        for by in ("overlap", "center"):
+            assert attn_mod.regions.select_cells(icells, (x, y, x, y), (h, w), by=by).numel() == 2
+            n = attn_mod.regions.select_cells(lcells, (x, y, x, y), (h, w), by=by).numel()
+            cropped = not (lcells[0][0] <= x <= lcells[-1][2])
+            assert n == (0 if cropped else 1), (x, y)

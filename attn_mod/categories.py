@@ -166,7 +166,9 @@ def label_tokens(
         idx = valid[b].nonzero().flatten()
         if idx.numel() == 0:
             continue
-        row = _label_row(ids_cpu[b, idx].tolist(), markers, mark_response=labels is None)
+        # markers of another template style (e.g. LLaVA's plain "USER:" turns) bring their own row labeller
+        row_fn = getattr(markers, "label_row", None) or (lambda ids, mr: _label_row(ids, markers, mr))
+        row = row_fn(ids_cpu[b, idx].tolist(), labels is None)
         cats[b, idx] = torch.tensor(row, dtype=torch.int8)
 
     if labels is not None:

@@ -224,6 +224,9 @@ def run(args) -> int:
     handle = patch(model, processor, intervention=intervention, backend=args.backend)
     try:
         geometry = handle.state.geometry()
+        if not hasattr(geometry, "merge_size"):
+            raise NotImplementedError(f"inspect draws Qwen-style merged token grids; the {handle.state.adapter.name} "
+                                      "family's visual tokens (crops / tiles) are not drawn yet")
         inputs, gen, rec, rows = _generate(model, processor, handle, args, image, boxes)
     finally:
         handle.remove()

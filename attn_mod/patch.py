@@ -28,7 +28,7 @@ from .categories import PAD, RESPONSE, LabelOptions, prompt_end_index, validate_
 from .intervention import Intervention
 from .kernels.function import category_attention, resolve_backend
 from .models import FamilyAdapter, get_adapter
-from .regions import CONVENTIONS, SELECTION_RULES, geometry_for, resized_size_from_config, target_token_mask
+from .regions import CONVENTIONS, SELECTION_RULES, resized_size_from_config, target_token_mask
 
 ATTN_NAME = "attn_mod"  # no "flash", "sdpa", "flex" or "/" (each triggers special dispatch in transformers)
 
@@ -133,7 +133,7 @@ class PatchState:
             else:
                 target = self.target
                 if isinstance(target, BoxTarget):
-                    target = target.mask(input_ids, inputs, self.config, self.geometry(), self.processor)
+                    target = self.adapter.box_mask(target, input_ids, inputs, self.config, self.processor)
                 cats = self.labeler(input_ids, attention_mask=attention_mask,
                                     mm_token_type_ids=inputs.get("mm_token_type_ids"), labels=inputs.get("labels"),
                                     target_mask=target, options=self.options)
@@ -157,7 +157,7 @@ class PatchState:
 
     def geometry(self):
         """Patch geometry for pixel boxes, from the processor (checked against the family)."""
-        return geometry_for(self.processor, family=self.adapter.name if self.adapter.name != "generic" else None)
+        return self.adapter.box_geometry(self.processor, self.config)
 
     def _labels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:

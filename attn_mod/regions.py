@@ -520,3 +520,102 @@ __all__ = [
     "box_to_pixels", "box_token_indices", "geometry_for", "image_hw", "locate_visual_tokens",
     "resized_size", "resized_size_from_config", "target_token_mask", "token_cells", "token_grid",
 ]
+
+
+# ------------------------------------------------------------------------------ cell-list geometry
+# Families whose visual tokens are not a Qwen-style merged grid (LLaVA's crop, InternVL's tiles, a
+# user's own model) describe each image as a list of token cells: cell i = (x0, y0, x1, y1) in
+# ORIGINAL-image pixels covered by visual token i of that image's placeholder run, or None for a
+# token that is no image cell (a CLS or newline token). A cell may reach beyond the image (into padding the
+# processor added): overlap counts only its part inside the image, its centre is the centre of the whole
+# cell, and a cell entirely outside is never selected. Selection follows the rules of the module doc.
+
+
+def _cell_axis_hit(b0: Fraction, b1: Fraction, c0: Fraction, c1: Fraction, edge: Fraction, by: str) -> bool:
+    if b0 == b1:  # zero extent: the cell containing the coordinate (half-open; the far image border belongs in)
+        return c0 <= b0 < c1 or (b0 == c1 == edge)
+    if by == "overlap":
+        return min(b1, c1) > max(b0, c0)
+    mid = (c0 + c1) / 2
+    return b0 <= mid <= b1
+
+
+def select_cells(cells: Sequence, box, image_size, *, convention: str = "pixel", by: str = "overlap") -> torch.Tensor:
+    """Indices (sorted int64) of the cells that `box` selects; `cells` as described above (None = never)."""
+    if by not in SELECTION_RULES:
+        raise ValueError(f"unknown selection rule by={by!r}; use one of {SELECTION_RULES}")
+    if convention == "resized":
+        raise ValueError("convention='resized' is defined for Qwen-style grids only; use 'pixel', 'normalized' "
+                         "or 'qwen1000' for this family")
+    h, w = image_hw(image_size)
+    x0, y0, x1, y1 = _box_pixels_exact(box, (h, w), convention)
+    out = []
+    for i, cell in enumerate(cells):
+        if cell is None:
+            continue
+        cx0, cy0, cx1, cy1 = (Fraction(v) for v in cell)
+        if min(cx1, w) <= max(cx0, 0) or min(cy1, h) <= max(cy0, 0):
+            continue  # a cell entirely in padding
+        if _cell_axis_hit(x0, x1, cx0, cx1, Fraction(w), by) and _cell_axis_hit(y0, y1, cy0, cy1, Fraction(h), by):
+            out.append(i)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def cells_target_mask(input_ids, image_token_id: int, image_cells: Sequence[Sequence], boxes, image_sizes, *,
+                      convention: str = "pixel", by: str = "overlap") -> torch.Tensor:
+    """(B, S) bool TARGET mask from per-image token cells (see above).
+
+    image_cells[k]: the cells of the k-th image in processor order (sample by sample), one per
+    placeholder token of that image, whose placeholders must be contiguous. boxes / image_sizes as
+    in `target_token_mask` (image entries only).
+    """
+    input_ids = _as_2d_long(input_ids, "input_ids")
+    bsz = input_ids.shape[0]
+    if boxes is None or len(boxes) != bsz:
+        raise ValueError(f"boxes must have one entry per batch sample ({bsz}), got "
+                         f"{None if boxes is None else len(boxes)}; use None or [] for samples without a target")
+    if image_sizes is None or len(image_sizes) != len(image_cells):
+        raise ValueError(f"image_sizes must give one original (H, W) per image ({len(image_cells)}), got "
+                         f"{None if image_sizes is None else len(image_sizes)}")
+    mask_ids = input_ids == int(image_token_id)
+    spans: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+    k = 0
+    for b in range(bsz):
+        pos = torch.nonzero(mask_ids[b], as_tuple=False).flatten()
+        used, j = 0, 0
+        while used < pos.numel():
+            if k >= len(image_cells):
+                raise ValueError(f"sample {b} has {pos.numel() - used} image placeholder tokens left but only "
+                                 f"{len(image_cells)} images were given; pass every image of the batch, in order")
+            need = len(image_cells[k])
+            p = pos[used:used + need]
+            if p.numel() != need or int(p[-1] - p[0]) != need - 1:
+                raise ValueError(f"image {k} needs {need} contiguous placeholder tokens in sample {b}; the "
+                                 "placeholders do not match the images (wrong image sizes or processor?)")
+            spans[(b, j)] = (k, p)
+            used, j, k = used + need, j + 1, k + 1
+    if k != len(image_cells):
+        raise ValueError(f"{len(image_cells)} images were given but the placeholders account for {k}")
+    mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    for b, sample_boxes in enumerate(boxes):
+        if sample_boxes is None:
+            continue
+        have = sum(1 for (bb, _) in spans if bb == b)
+        for entry in ([sample_boxes] if _is_box(sample_boxes) else list(sample_boxes)):
+            kind, j, box, _ = _parse_entry(entry, b)
+            if kind != "image":
+                raise ValueError("video boxes are not supported for this family")
+            if j == -1:
+                if have != 1:
+                    raise ValueError(f"boxes[{b}] has a bare box but sample {b} has {have} images; "
+                                     "use (image_index, box) entries")
+                j = 0
+            if not 0 <= j < have:
+                raise ValueError(f"boxes[{b}] refers to image {j} but sample {b} has {have} images")
+            k, p = spans[(b, j)]
+            idx = select_cells(image_cells[k], box, image_sizes[k], convention=convention, by=by)
+            mask[b, p.to(input_ids.device)[idx.to(input_ids.device)]] = True
+    return mask
+
+
+__all__ += ["cells_target_mask", "select_cells"]

@@ -64,11 +64,15 @@ _CORPUS = [
     "the a of to in is on at left right top bottom chart plot value number count",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl")
 
 
 def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400):
     """A byte-level BPE `PreTrainedTokenizerFast` with the Qwen special tokens and chat template."""
+    if family == "llava":
+        return build_llava_tokenizer(vocab_size)
+    if family == "internvl":
+        return build_internvl_tokenizer(vocab_size)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -113,6 +117,10 @@ def _processor_classes(family: str):
 
 def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=None):
     """The family's real processor around the offline tokenizer and the PIL image processor."""
+    if family == "llava":
+        return build_llava_processor(tokenizer, image_processor)
+    if family == "internvl":
+        return build_internvl_processor(tokenizer, image_processor)
     from transformers import Qwen2VLImageProcessorPil
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
@@ -132,6 +140,10 @@ def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=
 def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int = 2, vision_depth: int = 1):
     """A small config of `family` whose special-token ids match `tokenizer`."""
+    if family == "llava":
+        return llava_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
+    if family == "internvl":
+        return internvl_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
     half = head_dim // 2
@@ -175,6 +187,10 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
     cfg = tiny_config(family, processor.tokenizer, **config_kwargs)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
+    elif family == "llava":
+        from transformers import LlavaForConditionalGeneration as Model
+    elif family == "internvl":
+        from transformers import InternVLForConditionalGeneration as Model
     else:
         from transformers import Qwen3VLForConditionalGeneration as Model
     torch.manual_seed(seed)
@@ -185,6 +201,11 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         for name, p in model.named_parameters():
             if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
                 p.mul_(8.0)
+    if family in ("llava", "internvl"):  # the tiny vision tower is random too: sharpen its attention so images differ
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "vision_tower" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
+                    p.mul_(4.0)
     model.generation_config.pad_token_id = cfg.text_config.pad_token_id
     model.generation_config.eos_token_id = cfg.text_config.eos_token_id
     return model.eval(), processor
@@ -197,14 +218,152 @@ def save_tiny(family: str, path: str | Path, **kwargs) -> Path:
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
+    if family == "llava":  # LlavaProcessor saves (patch_size, feature strategy); others lack a video processor
+        processor.save_pretrained(path)
     (path / "attn_mod_tiny.json").write_text(json.dumps({"family": family}))
     return path
 
 
 def load_tiny_processor(path: str | Path, family: str):
     """Load the processor of a directory written by `save_tiny` (the processor itself cannot be saved)."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, Qwen2VLImageProcessorPil
 
     tok = AutoTokenizer.from_pretrained(path)
-    ip = Qwen2VLImageProcessorPil.from_pretrained(path)
+    from transformers import GotOcr2ImageProcessorPil
+
+    cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
+    ip = cls.from_pretrained(path)
     return build_processor(family, tokenizer=tok, image_processor=ip)
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-1.5
+LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# LLaVA-1.5's plain-text conversation format (conv_vicuna_v1): "<s>{system} USER: <image>\n{q} ASSISTANT: {a}</s>".
+# A leading system message replaces the default system prompt.
+LLAVA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] if messages[0]['content'] is string else messages[0]['content'][0]['text'] %}"
+    "{% set msgs = messages[1:] %}{% else %}{% set system = '" + LLAVA_SYSTEM.replace("'", "\\'") + "' %}"
+    "{% set msgs = messages %}{% endif %}{{ system }}"
+    "{% for message in msgs %}{% if message['role'] == 'user' %}{{ ' USER: ' }}{% else %}{{ ' ASSISTANT: ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+_LLAVA_CORPUS = _CORPUS + [LLAVA_SYSTEM, "USER: ASSISTANT: USER ASSISTANT"]
+
+
+def build_llava_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE with LLaVA's `<image>` token, `<s>`/`</s>` and the LLaVA-1.5 conversation template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAVA_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_LLAVA_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=LLAVA_TEMPLATE, bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", padding_side="left")
+
+
+def build_llava_processor(tokenizer=None, image_processor=None, *, image_size: int = 84, patch: int = 14):
+    """transformers' LlavaProcessor around the offline tokenizer and the PIL CLIP image processor
+    (resize shortest edge + centre crop, as llava-1.5's CLIPImageProcessor; 84 px = a 6x6 grid here)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = tokenizer if tokenizer is not None else build_llava_tokenizer()
+    if image_processor is None:
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                                crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=tokenizer.chat_template)
+
+
+def llava_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                 image_size: int = 84, patch: int = 14):
+    """LlavaConfig: tiny Llama text model + tiny CLIP vision tower (2 layers, feature layer -2, CLS dropped)."""
+    from transformers import LlavaConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=ids["<s>"],
+                eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=patch, projection_dim=32)
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                       image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
+
+
+# -------------------------------------------------------------------------------------- InternVL3.5 -HF
+INTERNVL_SPECIAL = {"start_image_token": "<img>", "end_image_token": "</img>",
+                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+# ChatML; an image is one "<IMG_CONTEXT>" that the processor expands to <img> + tiles x tokens + </img>.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_internvl_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE with ChatML markers and InternVL's <img> / </img> / <IMG_CONTEXT> / <video> tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_SPECIAL.values()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=INTERNVL_TEMPLATE, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", padding_side="left",
+                                   extra_special_tokens=dict(INTERNVL_SPECIAL))
+
+
+def build_internvl_processor(tokenizer=None, image_processor=None, *, tile: int = 112, max_tiles: int = 4):
+    """transformers' InternVLProcessor (no video processor: it needs torchvision) around the offline tokenizer
+    and the PIL GotOcr2 image processor with dynamic tiling + thumbnail (112-px tiles here, 448 in InternVL3.5)."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+
+    class _NoVideoInternVLProcessor(InternVLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):  # noqa: D102
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = tokenizer if tokenizer is not None else build_internvl_tokenizer()
+    if image_processor is None:
+        image_processor = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True,
+                                                   min_patches=1, max_patches=max_tiles)
+    seq = (image_processor.size["height"] // 14 // 2) ** 2
+    return _NoVideoInternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                     image_seq_length=seq, chat_template=tokenizer.chat_template)
+
+
+def internvl_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    tile: int = 112):
+    """InternVLConfig: tiny Qwen2 text model + tiny InternViT (patch 14, pixel shuffle 0.5: (tile/28)^2 tokens)."""
+    from transformers import InternVLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<IMG_CONTEXT>")}
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=[tile, tile], patch_size=[14, 14])
+    return InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"],
+                          image_seq_length=(tile // 28) ** 2, downsample_ratio=0.5, vision_feature_layer=-1,
+                          vision_feature_select_strategy="default")

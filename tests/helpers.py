@@ -23,10 +23,10 @@ def chat_text(processor, question: str, *, answer: str | None = None, system: st
     return processor.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
 
 
-def vlm_inputs(processor, questions, sizes, *, answers=None, seed: int = 0):
-    """A left-padded batch: one image of size sizes[i] per question."""
+def vlm_inputs(processor, questions, sizes, *, answers=None, seed: int = 0, system: str | None = None):
+    """A left-padded batch: one image of size sizes[i] per question (optionally an explicit system turn)."""
     answers = answers or [None] * len(questions)
-    texts = [chat_text(processor, q, answer=a) for q, a in zip(questions, answers)]
+    texts = [chat_text(processor, q, answer=a, system=system) for q, a in zip(questions, answers)]
     images = [random_image(w, h, seed + i) for i, (w, h) in enumerate(sizes)]
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
 

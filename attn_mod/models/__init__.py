@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .base import ChatMLAdapter, FamilyAdapter
+from .internvl import InternVLAdapter
+from .llava import LlavaAdapter
 from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter())
+ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter())
 SUPPORTED_FAMILIES = tuple(a.name for a in ADAPTERS)
 
 

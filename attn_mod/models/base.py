@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..categories import LabelOptions, RoleMarkers, label_tokens
+from ..regions import FAMILY_GEOMETRY, geometry_for
 
 # labeler(input_ids, attention_mask=, mm_token_type_ids=, labels=, target_mask=, options=) -> (B, S) int8
 Labeler = Callable[..., torch.Tensor]
@@ -52,6 +53,15 @@ class FamilyAdapter:
         """A labeler for this family, or None when categories must be passed explicitly."""
         return None
 
+    def box_geometry(self, processor, config=None):
+        """The geometry pixel boxes need, validated now (raises when boxes cannot work for this processor).
+        Default: a Qwen-style merged patch grid (`attn_mod.regions.geometry_for`)."""
+        return geometry_for(processor, family=self.name if self.name in FAMILY_GEOMETRY else None)
+
+    def box_mask(self, target, input_ids: torch.Tensor, inputs: dict, config, processor) -> torch.Tensor:
+        """(B, S) TARGET mask of a `patch.BoxTarget` at a prefill with model inputs `inputs`."""
+        return target.mask(input_ids, inputs, config, self.box_geometry(processor, config), processor)
+
 
 class ChatMLAdapter(FamilyAdapter):
     """Families with `<|im_start|>role\\n ... <|im_end|>` templates and image/video placeholder ids."""
@@ -65,7 +75,7 @@ class ChatMLAdapter(FamilyAdapter):
         cfg = model.config
         visual = tuple(int(i) for i in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
                        if i is not None)
-        base = RoleMarkers.from_tokenizer(tokenizer)
+        base = RoleMarkers.from_tokenizer(tokenizer, **({"visual_tokens": ()} if visual else {}))
         markers = RoleMarkers(base.turn_start, base.turn_end, base.system_header, base.assistant_header,
                               visual or base.visual_token_ids)
 

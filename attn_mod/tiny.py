@@ -199,8 +199,13 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
 
 def save_tiny(family: str, path: str | Path, **kwargs) -> Path:
     """Write a tiny model, its tokenizer and image processor to `path` (loadable with from_pretrained)."""
-    path = Path(path)
     model, processor = build_tiny(family, **kwargs)
+    return save_checkpoint(model, processor, path, family)
+
+
+def save_checkpoint(model, processor, path: str | Path, family: str = "qwen2_5_vl") -> Path:
+    """Write `model` (e.g. a trained tiny model) with the tokenizer and image processor of `processor` to `path`."""
+    path = Path(path)
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)

@@ -18,7 +18,7 @@ import torch
 
 from attn_mod.data.synthetic import caption_item, make_split, task_corpus
 from attn_mod.eval.generation import Request, render_prompt
-from attn_mod.tiny import build_tiny
+from attn_mod.tiny import build_tiny, save_checkpoint
 
 
 def encode(processor, items, imgs):
@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--qa-steps", type=int, default=600)
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-n", type=int, default=300)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -100,15 +101,16 @@ def main():
             opt.zero_grad(); loss.backward(); opt.step()
             step += 1
             if step % a.eval_every == 0:
-                acc = accuracy(model, processor, held, imgs)
+                acc = accuracy(model, processor, held[:a.eval_n], imgs)
                 rec = dict(step=step, stage=name, minutes=(time.time() - t0) / 60, loss=loss.item(), acc=acc)
                 print(json.dumps(rec), flush=True); log.write(json.dumps(rec) + "\n"); log.flush()
+                save_checkpoint(model, processor, out / "model")
             if time.time() - t0 > a.minutes * 60:
                 break
         if time.time() - t0 > a.minutes * 60:
             break
     from safetensors.torch import save_file
-    model.save_pretrained(out / "model")
+    save_checkpoint(model, processor, out / "model")
     print("done", step, (time.time() - t0) / 60)
 
 

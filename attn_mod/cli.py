@@ -13,6 +13,7 @@ COMMANDS = {
     "inspect": ("attn_mod.inspect", "generate with attention capture; write answer, metrics and pictures"),
     "sweep": ("attn_mod.eval.sweep_cli", "alpha/beta (or any intervention) sweep over local benchmarks"),
     "eval": ("attn_mod.eval.sweep_cli", "evaluate one intervention on local benchmarks"),
+    "train": ("attn_mod.trainers.cli", "train with attention objectives (SFT / GRPO recipes from a YAML config)"),
 }
 
 

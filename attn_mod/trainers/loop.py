@@ -1,0 +1,392 @@
+"""The shared trainer core: one `Recipe` class a reader follows top to bottom (torchtune-style).
+
+    recipe = SFTRecipe(cfg, resume=False)   # cfg from attn_mod.trainers.config.load_train_config
+    recipe.setup()                          # accelerator, model (patched), data, optimizer, scheduler, checkpoints
+    recipe.train()                          # forward, loss, backward, step, log, checkpoint
+    recipe.cleanup()
+
+A recipe subclass supplies `train_step(batch) -> StepOutput` (one micro-batch: the differentiable loss, the
+components checked for NaN/inf, the floats logged) and may override `micro_batch` (where a micro-batch comes
+from: GRPO builds it from rollouts) and `reduce_metrics` (how micro-batch floats become one row).
+
+Steps and data. One optimizer step consumes a global batch of G = batch_size x gradient_accumulation_steps x
+num_processes samples. Sample t of the run (t = 0, 1, ...) is position t mod N of the permutation of epoch
+t // N (seeded by schedule.seed and the epoch), so the data position is a function of the step and resume needs
+nothing else. Micro-batch k = m * num_processes + rank of step s (m = accumulation index) holds samples
+t = s*G + k*batch_size ... + batch_size - 1: one process with accumulation 2 sees exactly the micro-batches two
+processes see. The step loss is the mean of the micro-batch losses (DDP averages across processes).
+
+Outputs: OUT/metrics.jsonl (one object per optimizer step, fsynced; `metric_keys`), OUT/checkpoints/ (atomic,
+see checkpoint.py), OUT/final/ (a loadable model directory, or the LoRA adapter), OUT/config.yaml,
+OUT/data_stats.json (samples kept / truncated / dropped). A non-finite loss component stops the run before the
+optimizer step with `TrainingStopped` naming the step and component; checkpoints already written stay intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..jsonl import append_jsonl
+from ..patch import patch
+from .checkpoint import Checkpointer
+from .config import TrainConfig
+from .data import Batch, Collator, EncodedDataset, load_train_samples
+
+VISION_PARAM_KEYS = ("visual.", "vision_tower", "vision_model", "multi_modal_projector")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss / gradient); the message names step and component."""
+
+
+@dataclass
+class StepOutput:
+    """What `train_step` returns for one micro-batch."""
+
+    loss: torch.Tensor                                  # 0-dim, differentiable
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # checked finite before backward
+    metrics: dict[str, float] = field(default_factory=dict)            # logged (see reduce_metrics)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base lr for optimizer step `step + 1` (step counts from 0): linear warm-up over `warmup`
+    steps, then cosine / linear decay from 1 towards `min_ratio` (reached one step after the last), or constant."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if kind == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * (1 - progress)
+
+
+class Recipe:
+    """Base recipe. Subclasses set the class attributes and implement `train_step`."""
+
+    name = "base"
+    objective_config: type | None = None   # dataclass of the `objective` section
+    rollout_config: type | None = None     # dataclass of the `rollout` section (GRPO)
+    metric_keys: tuple[str, ...] = ("loss", "lr")  # key order of a metrics row (after "step")
+    sum_metrics: frozenset[str] = frozenset()       # summed over micro-batches; the other keys are averaged
+    progress_keys: tuple[str, ...] = ("loss",)
+    require_assistant = True                # data samples must end with the assistant turn to train on
+    train_on = "last_assistant"             # Collator labels ("none": prompts only, for rollouts)
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.resume = resume
+        self.out = Path(cfg.output_dir)
+        self.metrics_rows: list[dict] = []
+        self.start_step = 0
+
+    # ================================================================================ setup
+    def setup(self) -> None:
+        """Build everything; every configuration and data error surfaces here, before any step."""
+        self.accelerator = self._setup_accelerator()
+        self.is_main = self.accelerator.is_main_process
+        self._check_output_dir()
+        self.model, self.processor = self._setup_model()
+        self.handle = patch(self.model, self.processor, backend=self.cfg.model.backend,
+                            sink_category=self.cfg.model.sink_category)
+        self.peft_model = self._setup_lora()
+        self.collator, self.dataset = self._setup_data()
+        self.total_steps = self._total_steps()
+        self.optimizer = self._setup_optimizer()
+        self.scheduler = self._setup_scheduler()
+        self.module, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep,
+                                         rank=self.accelerator.process_index,
+                                         barrier=self.accelerator.wait_for_everyone)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.setup_objective()
+        self._maybe_resume()
+        self._write_run_files()
+
+    def _setup_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        # Vision weights that train but see a text-only batch get no gradient: DDP must expect unused params.
+        unused = not self.cfg.model.freeze_vision and not self.cfg.lora.enabled
+        acc = Accelerator(mixed_precision=self.cfg.precision.mixed,
+                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+        set_seed(self.cfg.schedule.seed, device_specific=True)
+        return acc
+
+    def _check_output_dir(self) -> None:
+        has_run = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
+        if has_run and not self.resume:
+            raise ValueError(f"output_dir {str(self.out)!r} already holds a run (metrics.jsonl / checkpoints); "
+                             "pass --resume to continue it or choose another output_dir")
+
+    def _setup_model(self):
+        m = self.cfg.model
+        dtype = getattr(torch, m.dtype)  # validated: float32 | bfloat16 | float16 | float64
+        if m.tiny is not None:
+            from ..tiny import build_tiny
+
+            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype)
+        else:
+            from ..loading import load_model
+
+            model, processor = load_model(m.path)  # checkpoint dtype, then cast below
+            model = model.to(dtype)
+        model.train()
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+        frozen = list(m.freeze) + (list(VISION_PARAM_KEYS) if m.freeze_vision else [])
+        for name, p in model.named_parameters():
+            if any(key in name for key in frozen):
+                p.requires_grad_(False)
+        if m.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, processor
+
+    def _setup_lora(self):
+        """peft LoRA on the language model. The HF model keeps being called directly (the adapters are injected
+        in place), so the patch's labelling hook runs; the PeftModel saves the adapter and disables it."""
+        lc = self.cfg.lora
+        if not lc.enabled:
+            return None
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(lc.target_modules)
+        config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                            target_modules=rf".*language_model.*\.({targets})")
+        return get_peft_model(self.model, config)
+
+    def _setup_data(self):
+        d = self.cfg.data
+        samples = load_train_samples(d.train, require_assistant=self.require_assistant, limit=d.limit,
+                                     system_prompt=d.system_prompt)
+        family = getattr(self.handle.state.adapter, "name", None)
+        collator = Collator(self.processor, image_token_id=getattr(self.model.config, "image_token_id", None),
+                            cutoff=d.cutoff, overflow=d.overflow, padding_side=d.padding_side,
+                            box_convention=d.box_convention, box_rule=d.box_rule,
+                            family=None if family == "generic" else family, train_on=self.train_on)
+        dataset = EncodedDataset(samples, collator, progress=self.cfg.logging.progress and
+                                 self.accelerator.is_main_process)
+        return collator, dataset
+
+    def global_batch(self) -> int:
+        s = self.cfg.schedule
+        return s.batch_size * s.gradient_accumulation_steps * self.accelerator.num_processes
+
+    def _total_steps(self) -> int:
+        s = self.cfg.schedule
+        if s.max_steps is not None:
+            return s.max_steps
+        return max(1, math.ceil(s.epochs * len(self.dataset) / self.global_batch()))
+
+    def _setup_optimizer(self):
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check model.freeze / model.freeze_vision / lora")
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    def _setup_scheduler(self):
+        s = self.cfg.schedule
+        warmup = s.warmup_steps or int(s.warmup_ratio * self.total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_lambda(step, warmup=warmup, total=self.total_steps, kind=s.scheduler,
+                                                   min_ratio=s.min_lr_ratio))
+
+    def setup_objective(self) -> None:
+        """Recipe hook: anything the objective needs (reference model, reward functions ...)."""
+
+    def _maybe_resume(self) -> None:
+        latest = self.checkpointer.latest() if self.resume else None
+        if self.resume and latest is None and self.is_main:
+            print(f"attn-mod train: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+        if latest is None:
+            return
+        ckpt = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.start_step = ckpt.step
+        self.metrics_rows = ckpt.metrics
+        if self.is_main:  # rows a killed run wrote after its last checkpoint are recomputed: rewrite atomically
+            tmp = self.metrics_path.with_name(".metrics.jsonl.resume")
+            tmp.write_bytes(b"")
+            append_jsonl(tmp, self.metrics_rows)
+            tmp.replace(self.metrics_path)
+            print(f"attn-mod train: resumed from {latest} (step {ckpt.step})")
+        self.accelerator.wait_for_everyone()
+
+    def _write_run_files(self) -> None:
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        stats = {"samples": len(self.dataset) + self.dataset.num_dropped, "kept": len(self.dataset),
+                 "truncated": self.dataset.truncated, "dropped": self.dataset.dropped,
+                 "cutoff": self.cfg.data.cutoff, "overflow": self.cfg.data.overflow,
+                 "total_steps": self.total_steps, "global_batch": self.global_batch(),
+                 "num_processes": self.accelerator.num_processes}
+        (self.out / "data_stats.json").write_text(json.dumps(stats, indent=1))
+        if self.dataset.truncated or self.dataset.num_dropped:
+            print(f"attn-mod train: {self.dataset.truncated} sample(s) truncated to {self.cfg.data.cutoff} tokens, "
+                  f"{self.dataset.num_dropped} dropped {self.dataset.dropped}")
+
+    # ================================================================================ data order
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_perms", {})
+        if epoch not in cache:
+            n = len(self.dataset)
+            if self.cfg.data.shuffle:
+                g = torch.Generator().manual_seed(self.cfg.schedule.seed * 1_000_003 + epoch)
+                cache[epoch] = torch.randperm(n, generator=g)
+            else:
+                cache[epoch] = torch.arange(n)
+            for old in [e for e in cache if e < epoch - 1]:
+                del cache[old]
+        return cache[epoch]
+
+    def sample_indices(self, step: int, micro: int) -> list[int]:
+        """Dataset indices of micro-batch `micro` of this process at optimizer step `step` (1-based)."""
+        bs = self.cfg.schedule.batch_size
+        k = micro * self.accelerator.num_processes + self.accelerator.process_index
+        first = (step - 1) * self.global_batch() + k * bs
+        n = len(self.dataset)
+        return [int(self._permutation(t // n)[t % n]) for t in range(first, first + bs)]
+
+    def micro_batch(self, step: int, micro: int) -> Batch:
+        """The micro-batch for (step, micro), on the training device."""
+        items = [self.dataset[i] for i in self.sample_indices(step, micro)]
+        return self.collator.collate(items).to(self.accelerator.device)
+
+    # ================================================================================ one micro-batch
+    def train_step(self, batch: Batch) -> StepOutput:
+        raise NotImplementedError("a recipe implements train_step(batch) -> StepOutput")
+
+    def reduce_metrics(self, parts: list[dict[str, float]]) -> dict[str, float]:
+        """One row from the micro-batch floats of all processes: `sum_metrics` summed, the rest averaged."""
+        keys = list(parts[0])
+        local = torch.tensor([[p[k] for k in keys] for p in parts], dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.gather(local.to(self.accelerator.device)).cpu()
+        out = {}
+        for j, k in enumerate(keys):
+            col = local[:, j]
+            out[k] = float(col.sum()) if k in self.sum_metrics else float(col.mean())
+        return out
+
+    def _check_finite(self, step: int, micro: int, batch: Batch, out: StepOutput) -> None:
+        bad = [name for name, v in {"loss": out.loss, **out.components}.items()
+               if not bool(torch.isfinite(v.detach()).all())]
+        flag = torch.tensor([float(bool(bad))], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # every process stops together
+            flag = self.accelerator.reduce(flag, "sum")
+        if flag.item() == 0:
+            return
+        latest = self.checkpointer.latest()
+        where = f"micro-batch {micro}, samples {batch.ids}" if bad else "on another process"
+        values = ", ".join(f"{n}={float(out.components.get(n, out.loss).detach()):g}" for n in bad)
+        raise TrainingStopped(f"step {step}: non-finite {', '.join(bad) or 'loss'} ({values or where}; {where}); "
+                              "stopped before the optimizer step. Last good checkpoint: "
+                              f"{latest if latest else 'none written yet'}")
+
+    # ================================================================================ the loop
+    def train(self) -> list[dict]:
+        acc, sched = self.accelerator, self.cfg.schedule
+        accum = sched.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"train {self.name}", unit="step",
+                   disable=not (self.cfg.logging.progress and self.is_main), dynamic_ncols=True)
+        self.module.train()
+        for step in range(self.start_step + 1, self.total_steps + 1):
+            lr = self.scheduler.get_last_lr()[0]
+            parts = []
+            for micro in range(accum):
+                batch = self.micro_batch(step, micro)
+                sync = nullcontext() if micro == accum - 1 else acc.no_sync(self.module)
+                with sync:
+                    out = self.train_step(batch)
+                    self._check_finite(step, micro, batch, out)
+                    acc.backward(out.loss / accum)
+                parts.append(out.metrics)
+            if self.cfg.optim.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            reduced = self.reduce_metrics(parts)
+            row = {"step": step, **{k: (lr if k == "lr" else reduced[k]) for k in self.metric_keys},
+                   **{k: v for k, v in reduced.items() if k not in self.metric_keys}}
+            self.metrics_rows.append(row)
+            if self.is_main:
+                append_jsonl(self.metrics_path, [row])
+                bar.set_postfix({k: f"{row[k]:.4g}" for k in self.progress_keys if k in row})
+                if self.cfg.logging.print_every and step % self.cfg.logging.print_every == 0:
+                    print(json.dumps(row))
+            bar.update(1)
+            every = self.cfg.checkpoint.every
+            if (every and step % every == 0) or step == self.total_steps:
+                self.save_checkpoint(step)
+        bar.close()
+        if self.cfg.checkpoint.save_final:
+            self.save_final()
+        return self.metrics_rows
+
+    # ================================================================================ saving
+    def save_checkpoint(self, step: int) -> Path:
+        return self.checkpointer.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      samples_seen=step * self.global_batch(), metrics=self.metrics_rows,
+                                      config=self.cfg.to_dict())
+
+    def save_final(self) -> Path | None:
+        """OUT/final: the full model + processor files (loadable by path), or the LoRA adapter."""
+        final = self.out / "final"
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            import shutil
+
+            tmp = self.out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.handle.remove()  # save the plain model (attention implementation restored)
+            if self.peft_model is not None:
+                self.peft_model.save_pretrained(tmp)
+            else:
+                self.model.save_pretrained(tmp)
+                self._save_processor(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _save_processor(self, path: Path) -> None:
+        try:
+            self.processor.save_pretrained(path)
+        except Exception:  # noqa: BLE001 - tiny processors without a video processor cannot be saved whole
+            getattr(self.processor, "tokenizer", self.processor).save_pretrained(path)
+            ip = getattr(self.processor, "image_processor", None)
+            if ip is not None:
+                ip.save_pretrained(path)
+
+    def cleanup(self) -> None:
+        if getattr(self, "handle", None) is not None:
+            self.handle.remove()
+        acc = getattr(self, "accelerator", None)
+        if acc is not None:
+            acc.end_training()
+
+
+def run(cfg: TrainConfig, *, resume: bool = False) -> list[dict]:
+    """Build the config's recipe, train, clean up; returns the metrics rows."""
+    from .config import recipe_class
+
+    recipe = recipe_class(cfg.recipe)(cfg, resume=resume)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

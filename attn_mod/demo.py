@@ -139,8 +139,8 @@ def run(args) -> int:
     from .eval.datasets import load_benchmark
 
     t0 = time.perf_counter()
-    checkpoints = _checkpoints(args)  # validated before any work
-    s = _settings(args)
+    s = _settings(args)  # everything validated before any work
+    checkpoints = _checkpoints(args)
     if args.benchmark is not None and not Path(args.benchmark).exists():
         raise FileNotFoundError(f"--benchmark {args.benchmark!r} does not exist")
     out = Path(args.out)

@@ -378,8 +378,24 @@ STAGES: dict[str, list[dict]] = {
     "align": [dict(seed=1, n_images=3000, objects=(1, 2, 3, 4), caption=True)],
     "curriculum": [dict(seed=2, n_images=200, objects=(1,), kinds=("colour", "shape"), form=("free", "choice")),
                    dict(seed=3, n_images=3000, objects=(1, 2, 3), kinds=("colour", "shape"), form=("free", "choice"))],
-    "qa": [dict(seed=4, n_images=6000, objects=(3, 4), kinds=("colour", "shape"), form="choice")],
+    "qa": [dict(seed=4, n_images=4000, objects=(3, 4), kinds=("colour", "shape"), form="choice", per_kind=1)],
 }
+STAGES = {"align": [dict(seed=1, n_images=2000, objects=(1, 2, 3, 4), caption=True)],
+          "curriculum1": [dict(seed=2, n_images=200, objects=(1,), kinds=("colour", "shape"), form=("free", "choice"))],
+          "curriculum2": [dict(seed=3, n_images=2000, objects=(1, 2, 3), kinds=("colour", "shape"),
+                               form=("free", "choice"), per_kind=1)],
+          **{k: v for k, v in STAGES.items() if k == "qa"}}
+# The demo model: Qwen2.5-VL architecture, ~0.4 M parameters (build_tiny keyword arguments).
+DEMO_MODEL = dict(layers=4, hidden=64, heads=4, kv_heads=2, vision_depth=1, vision_hidden=64, qk_scale=1.0)
+
+
+def save_init_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """The untrained demo model (`DEMO_MODEL`, tokenizer with `task_corpus`) as a local HF directory: the
+    starting point of the first training stage (`model.path`)."""
+    from ..tiny import save_tiny
+
+    return save_tiny("qwen2_5_vl", path, seed=seed, tokenizer_kwargs=dict(extra_corpus=task_corpus(), vocab_size=512),
+                     **DEMO_MODEL)
 
 
 def build_dataset(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1.0, heldout_images: int | None = None,
@@ -408,7 +424,7 @@ def build_dataset(out_dir: str | os.PathLike, *, seed: int = 0, scale: float = 1
             got, sigs = make_split(**kw, exclude=held_sigs | used)
             items += got
             used |= sigs
-        paths[name] = write_jsonl(items, out / f"{name}.jsonl", prefix=f"{name[0]}")
+        paths[name] = write_jsonl(items, out / f"{name}.jsonl", prefix=f"{name}_")
     (out / "manifest.json").write_text(json.dumps({"seed": seed, "scale": scale, "heldout": held,
                                                    "stages": stages or STAGES}, indent=1, default=list))
     return paths
@@ -419,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every training split's image count")
+    p.add_argument("--init-model", default=None, metavar="DIR", help="also write the untrained demo model here")
     a = p.parse_args(argv)
+    if a.init_model:
+        print(f"init model: {save_init_model(a.init_model, seed=a.seed)}")
     for name, path in build_dataset(a.out, seed=a.seed, scale=a.scale).items():
         print(f"{name}: {path}")
     return 0

@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local benchmark (TSV / JSONL / folder, see attn_mod.eval.datasets) instead of the "
                         "synthetic held-out split; bbox columns give target attention")
     p.add_argument("--samples", type=int, default=None, help="held-out questions evaluated per checkpoint "
-                                                              "(default 300; --quick 16)")
-    p.add_argument("--sweep-samples", type=int, default=None, help="questions per sweep cell (default 100; --quick 8)")
-    p.add_argument("--alpha", type=float, nargs="+", default=None, help="sweep alpha values (default 0 0.5 1 2)")
+                                                              "(default 200; --quick 16)")
+    p.add_argument("--sweep-samples", type=int, default=None, help="questions per sweep cell (default 60; --quick 8)")
+    p.add_argument("--alpha", type=float, nargs="+", default=None, help="sweep alpha values (default 0 1 3)")
     p.add_argument("--beta", type=float, nargs="+", default=None, help="sweep beta values (default 0 0.5 0.9)")
     p.add_argument("--examples", type=int, default=None, help="held-out questions inspected per checkpoint "
                                                                "(default 3; --quick 1)")
@@ -77,9 +77,9 @@ def _checkpoints(args) -> list[tuple[str, Path]]:
 
 def _settings(args) -> dict:
     q = args.quick
-    s = {"samples": args.samples if args.samples is not None else (16 if q else 300),
-         "sweep_samples": args.sweep_samples if args.sweep_samples is not None else (8 if q else 100),
-         "alpha": args.alpha or ([0.0, 1.0] if q else [0.0, 0.5, 1.0, 2.0]),
+    s = {"samples": args.samples if args.samples is not None else (16 if q else 200),
+         "sweep_samples": args.sweep_samples if args.sweep_samples is not None else (8 if q else 60),
+         "alpha": args.alpha or ([0.0, 1.0] if q else [0.0, 1.0, 3.0]),
          "beta": args.beta or ([0.0, 0.5] if q else [0.0, 0.5, 0.9]),
          "examples": args.examples if args.examples is not None else (1 if q else 3)}
     for key in ("samples", "sweep_samples", "examples"):
@@ -230,8 +230,10 @@ def run(args) -> int:
     summary["examples"] = examples
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    ck = "\n".join(f"{n:8s} accuracy {_pct(c['accuracy'])}  VAS {_f(c['vas'])}  target a {_f(c['target_a'])}  "
-                   f"({CAPTIONS.get(n, c['path'])})" for n, c in summary["checkpoints"].items())
+    ck = "\n".join(["| checkpoint | accuracy % | mean VAS | mean target a | training |", "|---|---|---|---|---|"] +
+                   [f"| {n} | {_pct(c['accuracy'])} | {_f(c['vas'])} | {_f(c['target_a'])} | "
+                    f"{CAPTIONS.get(n, c['path']) if not args.model else c['path']} |"
+                    for n, c in summary["checkpoints"].items()])
     report.write_index(
         out / "index.html", title="attn-mod demo",
         intro=(f"Held-out benchmark <code>{data.name}</code>, {n_questions} questions, chance 25 % on 4-way multiple "
@@ -247,7 +249,7 @@ def run(args) -> int:
 
 
 def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:5.1f}%"
+    return "n/a" if x is None else f"{100 * x:.1f}"
 
 
 def _f(x) -> str:

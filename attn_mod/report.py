@@ -45,7 +45,7 @@ def quantile_plot(series: Mapping[str, list[dict]], *, path, title: str = "") ->
         xs = np.arange(1, len(rows) + 1)
         ax.plot(xs, [100 * r["accuracy"] for r in rows], marker="o", label=name)
         for x, r in zip(xs, rows):
-            ax.annotate(f"a<{r['hi']:.3f}\nn={r['n']}", (x, 100 * r["accuracy"]), fontsize=6, ha="center",
+            ax.annotate(f"a<{r['hi']:.3g}\nn={r['n']}", (x, 100 * r["accuracy"]), fontsize=6, ha="center",
                         xytext=(0, 5), textcoords="offset points")
     n = max(len(r) for r in series.values())
     ax.set_xticks(np.arange(1, n + 1))
@@ -111,6 +111,36 @@ def curves_plot(curves: Mapping[str, Sequence[Mapping]], *, path, x: str = "step
     return _save(fig, path)
 
 
+def _text_block(text: str) -> str:
+    """Markdown-style `| a | b |` table lines -> an HTML table (bold `**x**` kept); other lines -> notes."""
+    e = html.escape
+    out, rows = [], []
+
+    def cell(c, tag):
+        c = c.strip()
+        bold = c.startswith("**") and c.endswith("**") and len(c) > 4
+        c = e(c[2:-2] if bold else c)
+        return f"<{tag}>{'<b>' + c + '</b>' if bold else c}</{tag}>"
+
+    def flush():
+        if rows:
+            head, *body = [r for r in rows if not set(r.replace("|", "").strip()) <= set("-: ")]
+            out.append("<table><tr>" + "".join(cell(c, "th") for c in head.strip("|").split("|")) + "</tr>" +
+                       "".join("<tr>" + "".join(cell(c, "td") for c in r.strip().strip("|").split("|")) + "</tr>"
+                               for r in body) + "</table>")
+            rows.clear()
+
+    for line in text.splitlines():
+        if line.strip().startswith("|"):
+            rows.append(line.strip())
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p class='note'>{e(line).replace('**', '')}</p>")
+    flush()
+    return "\n".join(out)
+
+
 def write_index(path, *, title: str, intro: str, sections: Sequence[tuple[str, Sequence[tuple]]],
                 tables: Mapping[str, str] | None = None) -> Path:
     """index.html: `sections` = [(heading, [(relative file, one-line caption), ...])]; PNGs are shown as images,
@@ -123,9 +153,11 @@ def write_index(path, *, title: str, intro: str, sections: Sequence[tuple[str, S
              "figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.85em;color:#444;max-width:520px}"
              "iframe{border:1px solid #ddd;width:520px;height:120px}pre{background:#f6f6f6;padding:0.6em;"
              "overflow-x:auto;font-size:0.85em}h2{border-bottom:1px solid #ccc;padding-bottom:0.2em}"
+             "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "text-align:right}td:first-child{text-align:left}p.note{font-size:0.85em;color:#444}"
              "</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{intro}</p>"]
     for heading, text in (tables or {}).items():
-        parts.append(f"<h2>{e(heading)}</h2><pre>{e(text)}</pre>")
+        parts.append(f"<h2>{e(heading)}</h2>{_text_block(text)}")
     for heading, figures in sections:
         parts.append(f"<h2>{e(heading)}</h2>")
         for rel, caption in figures:

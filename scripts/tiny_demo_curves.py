@@ -52,15 +52,12 @@ def main(argv=None) -> int:
     root = Path(a.root)
     held = read_samples(root / "data" / "heldout.jsonl", require_assistant=True)
     model, processor = load_model(root / "init")
+    t_init = (root / "init" / "config.json").stat().st_mtime  # wall-clock origin of the curves
     cache = root / "curves_cache.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     curves, training = {}, {}
     for variant in a.variants:
         pts, offset = [{"step": 0, "stage": "init", "accuracy": heldout_accuracy(model.eval(), processor, held)}], 0
-        wall = {}
-        wall_file = root / variant / "wall.jsonl"
-        if wall_file.is_file():
-            wall = {r["stage"]: r["wall_s"] for r in map(json.loads, wall_file.read_text().splitlines())}
         for stage in STAGES:
             out = root / variant / stage
             if not (out / "metrics.jsonl").is_file():
@@ -75,11 +72,12 @@ def main(argv=None) -> int:
                     cache.write_text(json.dumps(done))
                     print(key, done[key], flush=True)
                 r = rows.get(step, {})
-                pts.append({"step": offset + step, "stage": stage, "accuracy": done[key], "loss": r.get("loss"),
+                pts.append({"step": offset + step, "stage": stage, "accuracy": done[key],
+                            "minutes": round((ck.stat().st_mtime - t_init) / 60, 2), "loss": r.get("loss"),
                             "loss_lm": r.get("loss_lm"), "loss_img": r.get("loss_img"), "loss_sys": r.get("loss_sys")})
             offset += max(rows) if rows else 0
         curves[variant] = pts
-        training[variant] = {"stage_wall_s": wall, "total_wall_s": sum(wall.values()),
+        training[variant] = {"wall_minutes_to_last_checkpoint": pts[-1].get("minutes"),
                              "final_accuracy": pts[-1]["accuracy"], "steps": offset}
     (root / "curves.json").write_text(json.dumps(curves, indent=1))
     report.curves_plot(curves, path=root / "curves.png")
@@ -87,19 +85,30 @@ def main(argv=None) -> int:
     if a.ship:
         ship = Path(a.ship)
         ship.mkdir(parents=True, exist_ok=True)
+        shipped = {}
         for variant in a.variants:
             final = root / variant / "qa" / "final"
-            if not (final / "config.json").is_file():
-                sys.exit(f"{final} is missing: train {variant} first")
             shutil.rmtree(ship / variant, ignore_errors=True)
-            shutil.copytree(final, ship / variant)
+            if (final / "config.json").is_file():
+                shipped[variant] = "qa/final"
+                shutil.copytree(final, ship / variant)
+            else:  # the qa stage was stopped early: its latest checkpoint on top of the previous stage's model
+                cks = sorted((root / variant / "qa" / "checkpoints").glob("step-*"))
+                if not cks:
+                    sys.exit(f"{final} is missing and there is no qa checkpoint: train {variant} first")
+                from attn_mod.tiny import save_checkpoint
+
+                base, proc = load_model(root / variant / "curriculum2" / "final")
+                base.load_state_dict(load_file(cks[-1] / "weights.safetensors"), strict=False)
+                save_checkpoint(base, proc, ship / variant)
+                shipped[variant] = f"qa/checkpoints/{cks[-1].name}"
             (ship / variant / "attn_mod_tiny.json").write_text(json.dumps({"family": "qwen2_5_vl"}))
         shutil.copy(root / "curves.json", ship / "curves.json")
         meta = {"reproduce": "ROOT=runs/tiny_demo scripts/train_tiny_demo.sh plain && "
                              "ROOT=runs/tiny_demo scripts/train_tiny_demo.sh agto && "
                              f"python scripts/tiny_demo_curves.py --ship {a.ship}",
                 "heldout": "python -m attn_mod.data.synthetic (HELDOUT: 150 images, 300 questions, seed 10000)",
-                **training}
+                "shipped_from": shipped, **training}
         (ship / "training.json").write_text(json.dumps(meta, indent=1))
         print(f"shipped to {ship}")
     return 0

@@ -90,3 +90,20 @@ def test_demo_quick_end_to_end(tmp_path):
                  "examples/plain/0/heatmap.png", "examples/agto/0/tokens.png", "examples/plain/0/layers.png"):
         assert must in refs, must
         assert (out / must).stat().st_size > 1000
+
+
+def test_tiny_checkpoint_resaved_like_the_trainer_loads_with_its_image_processor(tmp_path):
+    """The trainer saves a tiny processor by trying processor.save_pretrained first (which fails without a video
+    processor but leaves processor_class in tokenizer_config.json): loading must still give the full processor."""
+    from attn_mod.loading import load_processor
+    from attn_mod.tiny import build_tiny
+
+    model, processor = build_tiny("qwen2_5_vl")
+    model.save_pretrained(tmp_path)
+    try:
+        processor.save_pretrained(tmp_path)
+    except Exception:  # noqa: BLE001 - the trainer's own fallback
+        processor.tokenizer.save_pretrained(tmp_path)
+        processor.image_processor.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    assert loaded.image_processor is not None and loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()

@@ -205,3 +205,28 @@ def test_few_steps_of_L_img_raise_held_out_image_mass(tmp_path):
     recipe.cleanup()
     assert rows[-1]["loss_img"] < rows[0]["loss_img"]
     assert after > before * 1.05, (before, after)
+
+
+def test_vlmevalkit_tsv_as_prompt_source(tmp_path):
+    from attn_mod.data.samples import SampleFormatError
+    from attn_mod.eval.datasets import load_benchmark, make_synthetic_benchmark
+    from attn_mod.tiny import build_processor
+    from attn_mod.trainers.data import Collator, load_train_samples
+
+    tsv = make_synthetic_benchmark(tmp_path / "synth.tsv", n=4)
+    with pytest.raises(SampleFormatError, match="SFT needs a JSONL"):
+        load_train_samples(str(tsv))
+    prompts = load_train_samples(str(tsv), require_assistant=False, system_prompt="Look carefully.")
+    bench = load_benchmark(tsv)
+    assert [p.answer for p in prompts] == [s.answer for s in bench]
+    assert [p.answer_type for p in prompts] == [s.answer_type for s in bench]
+    assert all(p.has_system and not p.has_assistant and len(p.images) == 1 for p in prompts)
+    assert prompts[0].load_images()[0].size == bench[0].load_image().size
+    proc = build_processor("qwen2_5_vl")
+    coll = Collator(proc, image_token_id=proc.tokenizer.convert_tokens_to_ids("<|image_pad|>"), train_on="none")
+    enc = [coll.encode(p) for p in prompts]
+    header = [proc.tokenizer.convert_tokens_to_ids("<|im_start|>")] + proc.tokenizer.encode("assistant\n")
+    for e, s in zip(enc, bench):
+        assert e.input_ids[-len(header):].tolist() == header  # ready for generation
+        assert (e.labels == IGNORE).all()
+        assert (e.target is not None) == bool(s.bbox)

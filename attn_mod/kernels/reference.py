@@ -14,7 +14,8 @@ Disabled rows/heads use the identity transform. Visible = category != PAD and, w
 position j <= K - Q + i (bottom-right alignment). Rows with nothing visible give zeros.
 
 Differentiable by autograd (outputs, LSE and masses). Query rows are processed in chunks so inference
-memory is O(chunk * K), never O(Q * K).
+memory is O(chunk * K), never O(Q * K); under autograd each chunk is checkpointed (recomputed in backward), so
+training memory is O(Q) plus one chunk.
 
 `category_attention_rows` returns the per-key P'_ij themselves for a few selected query rows (for
 pictures of where a row looks); it runs the same code path, so summing its rows by category gives `mass`.
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 from .spec import NUM_CATEGORIES, AttentionOutput, CategoryTransform, check_inputs, default_scale
 
@@ -148,13 +150,24 @@ def category_attention_reference(
 
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * K))
+
+    def rows_of(r0: int):
+        p, lse = _row_pass(pre, slice(r0, min(Q, r0 + chunk_size)), causal)
+        o = torch.einsum("bhgqk,bhkd->bhgqd", p, vc)
+        return (o, lse.squeeze(-1), torch.einsum("bhgqk,bkc->bhgqc", p, onehot)) if return_mass else (o, lse.squeeze(-1))
+
+    # Training: each chunk's P is recomputed in backward instead of saved (non-reentrant checkpoint), so the
+    # memory kept for backward is O(Q) outputs plus one chunk's O(chunk * K) at a time, never O(Q * K).
+    grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or (
+        transform is not None and any(getattr(transform, n).requires_grad for n in ("mul", "absw", "add", "w"))))
     outs, lses, masses = [], [], []
     for r0 in range(0, Q, chunk_size):
-        p, lse = _row_pass(pre, slice(r0, min(Q, r0 + chunk_size)), causal)
-        outs.append(torch.einsum("bhgqk,bhkd->bhgqd", p, vc))
-        lses.append(lse.squeeze(-1))
+        res = (torch.utils.checkpoint.checkpoint(rows_of, r0, use_reentrant=False) if grad and Q > chunk_size
+               else rows_of(r0))
+        outs.append(res[0])
+        lses.append(res[1])
         if return_mass:
-            masses.append(torch.einsum("bhgqk,bkc->bhgqc", p, onehot))
+            masses.append(res[2])
 
     out = torch.cat(outs, dim=3).reshape(B, Hq, Q, D).to(q.dtype)
     lse = torch.cat(lses, dim=3).reshape(B, Hq, Q)

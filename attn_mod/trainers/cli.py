@@ -1,7 +1,8 @@
 """`attn-mod train CONFIG.yaml [section.key=value ...] [--resume]`.
 
-Multi-process data parallel: `accelerate launch --num_processes N -m attn_mod train CONFIG.yaml` (add `--cpu`
-for gloo on CPU). Exit codes: 0 done, 1 stopped (non-finite loss), 2 bad config / data.
+Multi-process data parallel (DDP): `accelerate launch --multi_gpu --num_processes N -m attn_mod train CONFIG.yaml`
+(on CPU: prefix `ACCELERATE_USE_CPU=true`, gloo). Exit codes: 0 done, 1 stopped (non-finite loss), 2 bad config /
+data.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ class ModelConfig:
     path: Optional[str] = None
     tiny: Optional[str] = None          # attn_mod.tiny family ("qwen2_5_vl" | "qwen3_vl"): tests and demos
     tiny_seed: int = 0
+    tiny_kwargs: dict = field(default_factory=dict)  # build_tiny sizes: hidden, layers, heads, kv_heads, vision_depth
     dtype: str = "float32"              # parameter dtype: float32 | bfloat16 | float16 (see precision.mixed)
     backend: str = "auto"               # attention operator backend: auto | torch | triton | flex
     freeze_vision: bool = True          # vision tower (and its merger) frozen

@@ -135,7 +135,7 @@ class Recipe:
         if m.tiny is not None:
             from ..tiny import build_tiny
 
-            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype)
+            model, processor = build_tiny(m.tiny, seed=m.tiny_seed, dtype=dtype, **m.tiny_kwargs)
         else:
             from ..loading import load_model
 
@@ -148,8 +148,13 @@ class Recipe:
         for name, p in model.named_parameters():
             if any(key in name for key in frozen):
                 p.requires_grad_(False)
-        if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if m.gradient_checkpointing:  # non-reentrant: the recomputation runs inside backward, where the patch
+            # recomputes masses without recording them again (attn_mod.patch: `_in_backward`)
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return model, processor
 
     def _setup_lora(self):
@@ -211,6 +216,7 @@ class Recipe:
             print(f"attn-mod train: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
         if latest is None:
             return
+        self._check_resumable(self.checkpointer.read_state(latest), latest)
         ckpt = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.start_step = ckpt.step
         self.metrics_rows = ckpt.metrics
@@ -221,6 +227,26 @@ class Recipe:
             tmp.replace(self.metrics_path)
             print(f"attn-mod train: resumed from {latest} (step {ckpt.step})")
         self.accelerator.wait_for_everyone()
+
+    # settings that decide the data order and the meaning of a step: a resumed run must keep them
+    RESUME_KEYS = (("recipe",), ("data", "train"), ("data", "shuffle"), ("data", "limit"), ("schedule", "seed"),
+                   ("schedule", "batch_size"), ("schedule", "gradient_accumulation_steps"), ("lora", "enabled"))
+
+    def _check_resumable(self, ckpt, path) -> None:
+        saved = json.loads((path / "state.json").read_text()).get("config", {})
+        now = self.cfg.to_dict()
+
+        def get(d, keys):
+            for k in keys:
+                d = d.get(k) if isinstance(d, dict) else None
+            return d
+
+        diff = [".".join(k) for k in self.RESUME_KEYS if get(saved, k) != get(now, k)]
+        if not diff and ckpt.samples_seen != ckpt.step * self.global_batch():
+            diff.append("number of processes (global batch)")
+        if diff:
+            raise ValueError(f"cannot resume from {path}: {', '.join(diff)} differ from the checkpoint's run; "
+                             "resume with the same settings or start a new output_dir")
 
     def _write_run_files(self) -> None:
         if not self.is_main:
@@ -378,6 +404,11 @@ class Recipe:
         acc = getattr(self, "accelerator", None)
         if acc is not None:
             acc.end_training()
+            from accelerate.state import AcceleratorState
+
+            # the accelerate state is a process-wide singleton: forget this run's settings (mixed precision ...)
+            # so that a next recipe in the same process can choose its own; the process group is kept
+            AcceleratorState._reset_state()
 
 
 def run(cfg: TrainConfig, *, resume: bool = False) -> list[dict]:

@@ -158,7 +158,8 @@ def test_build_dataset_files_round_trip_and_splits_share_no_image(tmp_path):
         assert img.tobytes() == s.load_images()[0].tobytes()
         held_hashes.add(hashlib.sha1(img.tobytes()).hexdigest())
     assert len(held_hashes) == 12
-    for stage in ("align", "curriculum", "qa"):
+    assert set(paths) == {"heldout", "heldout_tsv", "align", "curriculum1", "curriculum2", "qa"}
+    for stage in ("align", "curriculum1", "curriculum2", "qa"):
         samples = read_samples(paths[stage], require_assistant=True)
         assert samples and all(s.boxes for s in samples)
         for s in samples:

@@ -242,7 +242,7 @@ def run(args) -> int:
                 f"AVAR alpha x beta sweep on {first_name} (accuracy %)": table},
         sections=[("What training with attention objectives changes", figures),
                   ("What alpha and beta do", sweep_figs),
-                  ("Where the model looks (held-out examples)", ex_figs)])
+                  ("Where the model looks (held-out examples)", ex_figs, 340)])
     print(ck)
     print(f"report: {out / 'index.html'} ({summary['wall_s']:.0f} s)")
     return 0

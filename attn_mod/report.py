@@ -75,6 +75,8 @@ def comparison_plot(rows: Mapping[str, Mapping[str, float | None]], *, path, tit
                         ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=8)
+        if key == "vas" and max(ys) > 0 and max(ys) / max(min(y for y in ys if y > 0), 1e-12) > 50:
+            ax.set_yscale("log")  # AGTO can push system attention to ~0: ratios differ by orders of magnitude
         ax.set_title(label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title or "plain vs attention-trained checkpoint (held-out, no intervention)", fontsize=10)
@@ -143,7 +145,7 @@ def _text_block(text: str) -> str:
 
 def write_index(path, *, title: str, intro: str, sections: Sequence[tuple[str, Sequence[tuple]]],
                 tables: Mapping[str, str] | None = None) -> Path:
-    """index.html: `sections` = [(heading, [(relative file, one-line caption), ...])]; PNGs are shown as images,
+    """index.html: `sections` = [(heading, [(relative file, one-line caption), ...][, figure width px])]; PNGs are shown as images,
     HTML files embedded as iframes, anything else linked. `tables`: {heading: pre-formatted text}."""
     path = Path(path)
     e = html.escape
@@ -151,15 +153,16 @@ def write_index(path, *, title: str, intro: str, sections: Sequence[tuple[str, S
              "body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}"
              "figure{display:inline-block;vertical-align:top;margin:0 1em 1.2em 0;max-width:100%}"
              "figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.85em;color:#444;max-width:520px}"
-             "iframe{border:1px solid #ddd;width:520px;height:120px}pre{background:#f6f6f6;padding:0.6em;"
+             "iframe{border:1px solid #ddd;width:100%;height:120px}pre{background:#f6f6f6;padding:0.6em;"
              "overflow-x:auto;font-size:0.85em}h2{border-bottom:1px solid #ccc;padding-bottom:0.2em}"
              "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:2px 8px;"
              "text-align:right}td:first-child{text-align:left}p.note{font-size:0.85em;color:#444}"
              "</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{intro}</p>"]
     for heading, text in (tables or {}).items():
         parts.append(f"<h2>{e(heading)}</h2>{_text_block(text)}")
-    for heading, figures in sections:
+    for heading, figures, *width in sections:
         parts.append(f"<h2>{e(heading)}</h2>")
+        style = f" style='width:{int(width[0])}px'" if width else ""
         for rel, caption in figures:
             rel = str(rel)
             if rel.endswith(".png"):
@@ -168,7 +171,7 @@ def write_index(path, *, title: str, intro: str, sections: Sequence[tuple[str, S
                 body = f"<iframe src='{e(rel)}'></iframe>"
             else:
                 body = f"<a href='{e(rel)}'>{e(rel)}</a>"
-            parts.append(f"<figure>{body}<figcaption>{e(caption)}</figcaption></figure>")
+            parts.append(f"<figure{style}>{body}<figcaption>{e(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")

@@ -84,7 +84,7 @@ def comparison_plot(rows: Mapping[str, Mapping[str, float | None]], *, path, tit
 
 
 def curves_plot(curves: Mapping[str, Sequence[Mapping]], *, path, x: str = "step", title: str = "") -> Path:
-    """Held-out accuracy (left) and training loss (right) against `x` for each run; stage changes dotted."""
+    """Held-out accuracy (left) and training LM loss (right) against `x` for each run; stage changes dotted."""
     fig = _new_figure(9.0, 3.4, 100)
     ax_acc = fig.add_axes((0.07, 0.17, 0.4, 0.7))
     ax_loss = fig.add_axes((0.57, 0.17, 0.4, 0.7))
@@ -95,7 +95,8 @@ def curves_plot(curves: Mapping[str, Sequence[Mapping]], *, path, x: str = "step
         xs = [p[x] for p in pts]
         acc = [100 * p["accuracy"] if p.get("accuracy") is not None else float("nan") for p in pts]
         line, = ax_acc.plot(xs, acc, marker=".", label=name)
-        ax_loss.plot(xs, [p.get("loss", float("nan")) for p in pts], color=line.get_color(), label=name)
+        ax_loss.plot(xs, [p.get("loss_lm", p.get("loss")) or float("nan") for p in pts], color=line.get_color(),
+                     label=name)  # the LM part: AGTO's total loss is negative (L_sys = +log m_sys)
         for prev, p in zip(pts, pts[1:]):
             if p.get("stage") != prev.get("stage"):
                 ax_acc.axvline(p[x], color=line.get_color(), ls=":", lw=0.8)
@@ -104,7 +105,7 @@ def curves_plot(curves: Mapping[str, Sequence[Mapping]], *, path, x: str = "step
     ax_acc.set_xlabel(x)
     ax_acc.set_ylabel("held-out 4-way MC accuracy (%)")
     ax_loss.set_xlabel(x)
-    ax_loss.set_ylabel("training loss")
+    ax_loss.set_ylabel("training LM loss (answer tokens)")
     ax_loss.set_yscale("log")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)

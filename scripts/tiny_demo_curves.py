@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     curves, training = {}, {}
     for variant in a.variants:
+        model, processor = load_model(root / "init")  # fresh: the loop below loads checkpoints into it
         pts, offset = [{"step": 0, "stage": "init", "accuracy": heldout_accuracy(model.eval(), processor, held)}], 0
         for stage in STAGES:
             out = root / variant / stage

@@ -88,14 +88,19 @@ def load_processor(path: str | Path, model_type: str | None = None):
     from transformers import AutoProcessor
 
     model_type = model_type or model_type_of(path)
-    try:
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception as first:  # noqa: BLE001 - fall back to the torchvision-free build below
-        from .tiny import FAMILIES, load_tiny_processor
+    from .tiny import FAMILIES, load_tiny_processor
 
+    try:
+        proc = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as first:  # noqa: BLE001 - fall back to the torchvision-free build below
         if model_type not in FAMILIES:
             raise ValueError(f"cannot load the processor of {path} ({type(first).__name__}: {first})") from first
         return load_tiny_processor(path, model_type)
+    if getattr(proc, "image_processor", None) is None and model_type in FAMILIES:
+        # a tiny checkpoint re-saved by the trainer names the private processor class in tokenizer_config.json,
+        # which AutoProcessor resolves to the bare tokenizer: rebuild the processor around it
+        return load_tiny_processor(path, model_type)
+    return proc
 
 
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str = "auto"):

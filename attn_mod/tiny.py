@@ -67,8 +67,9 @@ _CORPUS = [
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl")
 
 
-def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400):
-    """A byte-level BPE `PreTrainedTokenizerFast` with the Qwen special tokens and chat template."""
+def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_corpus=()):
+    """A byte-level BPE `PreTrainedTokenizerFast` with the family's special tokens and chat template.
+    `extra_corpus` (sentences) is added to the BPE training text, e.g. a task's words so they tokenise short."""
     if family == "llava":
         return build_llava_tokenizer(vocab_size)
     if family == "internvl":
@@ -85,7 +86,7 @@ def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((_CORPUS + list(extra_corpus)) * 4, trainer=trainer)
     template = QWEN3_VL_TEMPLATE if family == "qwen3_vl" else QWEN2_5_VL_TEMPLATE
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -115,15 +116,16 @@ def _processor_classes(family: str):
     return _NoVideoProcessor
 
 
-def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=None):
-    """The family's real processor around the offline tokenizer and the PIL image processor."""
+def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=None, **tokenizer_kwargs):
+    """The family's real processor around the offline tokenizer (`build_tokenizer(family, **tokenizer_kwargs)`
+    unless `tokenizer` is given) and the PIL image processor."""
     if family == "llava":
         return build_llava_processor(tokenizer, image_processor)
     if family == "internvl":
         return build_internvl_processor(tokenizer, image_processor)
     from transformers import Qwen2VLImageProcessorPil
 
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family, **tokenizer_kwargs)
     if image_processor is None:
         patch = 16 if family == "qwen3_vl" else 14
         # Small pixel budget so tests stay fast: at most 16x16 merged tokens.
@@ -138,7 +140,7 @@ def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=
 
 
 def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                kv_heads: int = 2, vision_depth: int = 1):
+                kv_heads: int = 2, vision_depth: int = 1, vision_hidden: int = 32):
     """A small config of `family` whose special-token ids match `tokenizer`."""
     if family == "llava":
         return llava_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
@@ -162,8 +164,8 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         from transformers import Qwen2_5_VLConfig
 
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
-        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
-                      out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                      num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
     if family == "qwen3_vl":
@@ -172,8 +174,8 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         text["head_dim"] = head_dim
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
                                    "mrope_section": mrope, "mrope_interleaved": True}
-        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
-                      out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                      num_heads=2, out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
                       temporal_patch_size=2, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
@@ -181,9 +183,14 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
 
 
 def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation: str = "sdpa",
-               dtype: torch.dtype = torch.float32, **config_kwargs):
-    """(model, processor): a randomly initialised tiny VLM of `family` in eval mode and its processor."""
-    processor = build_processor(family)
+               dtype: torch.dtype = torch.float32, qk_scale: float = 8.0, tokenizer_kwargs: dict | None = None,
+               **config_kwargs):
+    """(model, processor): a randomly initialised tiny VLM of `family` in eval mode and its processor.
+
+    `qk_scale` multiplies the language model's q/k projection weights (peaked attention for reweighting tests;
+    1.0 = the plain initialisation, for training). `tokenizer_kwargs` go to `build_tokenizer` (e.g.
+    ``extra_corpus=``, ``vocab_size=``); `config_kwargs` to `tiny_config` (hidden, layers, heads, ...)."""
+    processor = build_processor(family, **(tokenizer_kwargs or {}))
     cfg = tiny_config(family, processor.tokenizer, **config_kwargs)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
@@ -200,7 +207,7 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
-                p.mul_(8.0)
+                p.mul_(qk_scale)
     if family in ("llava", "internvl"):  # the tiny vision tower is random too: sharpen its attention so images differ
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -213,8 +220,13 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
 
 def save_tiny(family: str, path: str | Path, **kwargs) -> Path:
     """Write a tiny model, its tokenizer and image processor to `path` (loadable with from_pretrained)."""
-    path = Path(path)
     model, processor = build_tiny(family, **kwargs)
+    return save_checkpoint(model, processor, path, family)
+
+
+def save_checkpoint(model, processor, path: str | Path, family: str = "qwen2_5_vl") -> Path:
+    """Write `model` (e.g. a trained tiny model) with the tokenizer and image processor of `processor` to `path`."""
+    path = Path(path)
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)

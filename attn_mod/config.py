@@ -106,15 +106,21 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     return obj
 
 
-def load_config(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
-    """Read a YAML file into `cls` (FileNotFoundError / ConfigError with the path and key)."""
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a config file ({} when empty); FileNotFoundError / ConfigError naming the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_config(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
+    """Read a YAML file into `cls` (FileNotFoundError / ConfigError with the path and key)."""
+    path = Path(path)
+    data = read_yaml(path)
     if overrides:
         data = {**data, **overrides}
     return from_dict(cls, data, where=path.name)

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
-from ..config import ConfigError, from_dict
+from ..config import ConfigError, from_dict, read_yaml
 
 RECIPES = {"sft": "attn_mod.trainers.sft:SFTRecipe", "grpo": "attn_mod.trainers.grpo:GRPORecipe"}
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # YAML 1.1 reads "1e-5" as a string
@@ -269,12 +269,7 @@ def build_train_config(data: dict, where: str = "config") -> TrainConfig:
 def load_train_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a training YAML file, apply dotted overrides and validate everything."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")
     data = apply_overrides(data, overrides)

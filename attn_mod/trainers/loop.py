@@ -121,6 +121,12 @@ class Recipe:
         unused = not self.cfg.model.freeze_vision and not self.cfg.lora.enabled
         acc = Accelerator(mixed_precision=self.cfg.precision.mixed,
                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+        kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+            raise NotImplementedError(
+                f"attn-mod train runs single-process or DDP (accelerate launch --multi_gpu); {kind} is not supported "
+                "yet: its checkpoints (sharded weights and optimizer state) are not implemented, so resume would be "
+                "wrong. Use DDP, or LoRA (lora.enabled: true) to fit a large model.")
         set_seed(self.cfg.schedule.seed, device_specific=True)
         return acc
 

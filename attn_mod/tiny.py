@@ -67,6 +67,19 @@ _CORPUS = [
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl")
 
 
+def _train_bpe(corpus, special_tokens, vocab_size: int):
+    """A byte-level BPE `tokenizers.Tokenizer` trained offline on `corpus` (x4) with `special_tokens`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(corpus) * 4, trainer=trainer)
+    return tok
+
+
 def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_corpus=()):
     """A byte-level BPE `PreTrainedTokenizerFast` with the family's special tokens and chat template.
     `extra_corpus` (sentences) is added to the BPE training text, e.g. a task's words so they tokenise short."""
@@ -74,19 +87,9 @@ def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_cor
         return build_llava_tokenizer(vocab_size)
     if family == "internvl":
         return build_internvl_tokenizer(vocab_size)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((_CORPUS + list(extra_corpus)) * 4, trainer=trainer)
+    tok = _train_bpe(_CORPUS + list(extra_corpus), SPECIAL_TOKENS, vocab_size)
     template = QWEN3_VL_TEMPLATE if family == "qwen3_vl" else QWEN2_5_VL_TEMPLATE
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -270,15 +273,9 @@ _LLAVA_CORPUS = _CORPUS + [LLAVA_SYSTEM, "USER: ASSISTANT: USER ASSISTANT"]
 
 def build_llava_tokenizer(vocab_size: int = 400):
     """Byte-level BPE with LLaVA's `<image>` token, `<s>`/`</s>` and the LLaVA-1.5 conversation template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAVA_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_LLAVA_CORPUS * 4, trainer=trainer)
+    tok = _train_bpe(_LLAVA_CORPUS, LLAVA_SPECIAL_TOKENS, vocab_size)
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=LLAVA_TEMPLATE, bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>", padding_side="left")
 
@@ -329,16 +326,10 @@ INTERNVL_TEMPLATE = (
 
 def build_internvl_tokenizer(vocab_size: int = 400):
     """Byte-level BPE with ChatML markers and InternVL's <img> / </img> / <IMG_CONTEXT> / <video> tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_SPECIAL.values()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok = _train_bpe(_CORPUS, special, vocab_size)
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=INTERNVL_TEMPLATE, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", padding_side="left",
                                    extra_special_tokens=dict(INTERNVL_SPECIAL))

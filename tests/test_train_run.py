@@ -157,6 +157,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert 3 <= len(read_jsonl(out / "metrics.jsonl")) < 6
     assert (out / "checkpoints" / "step-0000002").is_dir() and not (out / "final").exists()
 
+    killed_rows = read_jsonl(out / "metrics.jsonl", repair=False)
+    last_ckpt = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     again = _run_cli(base + [f"output_dir={out}"])  # without --resume: refuses to overwrite the run
     assert again.returncode == 2 and "--resume" in again.stderr
     resumed = _run_cli(base + [f"output_dir={out}", "--resume"])
@@ -164,6 +166,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert "resumed from" in resumed.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]  # last K=2
     assert read_jsonl(out / "metrics.jsonl") == read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    # rows the killed run wrote after its last checkpoint are kept aside, never deleted
+    later = [r for r in killed_rows if r["step"] > last_ckpt]
+    superseded = read_jsonl(out / "metrics.superseded.jsonl") if later else []
+    assert [{k: v for k, v in r.items() if k != "superseded_by_resume_from"} for r in superseded] == later
+    assert all(r["superseded_by_resume_from"] == last_ckpt for r in superseded)
     a = load_file(out / "final" / "model.safetensors")
     b = load_file(tmp_path / "full" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -366,3 +373,26 @@ def test_sharded_distributed_types_are_refused_before_any_work(tmp_path, monkeyp
     with pytest.raises(NotImplementedError, match=f"{kind} is not supported yet"):
         recipe.setup()
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_resume_moves_rows_after_the_last_checkpoint_aside(tmp_path):
+    """A run that died after step 3 but before its checkpoint: resuming from step 2 recomputes step 3, and the
+    dead run's step-3 row goes to metrics.superseded.jsonl instead of being deleted."""
+    import shutil
+
+    cfg = _cfg(tmp_path, "schedule.max_steps=3", "checkpoint.every=2", "checkpoint.keep=5")
+    r = SFTRecipe(cfg)
+    r.setup()
+    first = r.train()
+    r.cleanup()
+    ckpts = tmp_path / "out" / "checkpoints"
+    shutil.rmtree(ckpts / "step-0000003")  # as if killed between the step-3 row and its checkpoint
+    shutil.rmtree(tmp_path / "out" / "final", ignore_errors=True)
+    r = SFTRecipe(_cfg(tmp_path, "schedule.max_steps=3", "checkpoint.every=2", "checkpoint.keep=5"), resume=True)
+    r.setup()
+    assert r.start_step == 2
+    rows = r.train()
+    r.cleanup()
+    assert rows == first and read_jsonl(tmp_path / "out" / "metrics.jsonl") == first
+    superseded = read_jsonl(tmp_path / "out" / "metrics.superseded.jsonl")
+    assert superseded == [{**first[2], "superseded_by_resume_from": 2}]

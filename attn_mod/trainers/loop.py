@@ -34,7 +34,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..jsonl import append_jsonl
+from ..jsonl import append_jsonl, read_jsonl, write_jsonl_atomic
 from ..patch import patch
 from .checkpoint import Checkpointer
 from .config import TrainConfig
@@ -109,6 +109,7 @@ class Recipe:
                                          rank=self.accelerator.process_index,
                                          barrier=self.accelerator.wait_for_everyone)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.superseded_path = self.out / "metrics.superseded.jsonl"
         self.setup_objective()
         self._maybe_resume()
         self._write_run_files()
@@ -244,12 +245,16 @@ class Recipe:
         ckpt = self.checkpointer.load(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.start_step = ckpt.step
         self.metrics_rows = ckpt.metrics
-        if self.is_main:  # rows a killed run wrote after its last checkpoint are recomputed: rewrite atomically
-            tmp = self.metrics_path.with_name(".metrics.jsonl.resume")
-            tmp.write_bytes(b"")
-            append_jsonl(tmp, self.metrics_rows)
-            tmp.replace(self.metrics_path)
-            print(f"attn-mod train: resumed from {latest} (step {ckpt.step})")
+        if self.is_main:
+            # Rows a killed run wrote after its last checkpoint are recomputed by this run: they move to
+            # metrics.superseded.jsonl (never lost), and metrics.jsonl is rewritten atomically to the checkpoint's rows.
+            written = read_jsonl(self.metrics_path) if self.metrics_path.exists() else []
+            later = [r for r in written if isinstance(r.get("step"), int) and r["step"] > ckpt.step]
+            if later:
+                append_jsonl(self.superseded_path, [{**r, "superseded_by_resume_from": ckpt.step} for r in later])
+            write_jsonl_atomic(self.metrics_path, self.metrics_rows)
+            print(f"attn-mod train: resumed from {latest} (step {ckpt.step})"
+                  + (f"; {len(later)} later metrics row(s) moved to {self.superseded_path.name}" if later else ""))
         self.accelerator.wait_for_everyone()
 
     # settings that decide the data order and the meaning of a step: a resumed run must keep them

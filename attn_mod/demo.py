@@ -27,7 +27,7 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets" / "tiny_demo"
 DEFAULT_CHECKPOINTS = (("plain", ASSETS / "plain"), ("agto", ASSETS / "agto"))
 CAPTIONS = {
-    "plain": "SFT only (align -> curriculum -> QA)",
+    "plain": "SFT only (one object -> one to three -> three or four objects)",
     "agto": "same recipe + AGTO attention losses",
 }
 

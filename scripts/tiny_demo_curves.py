@@ -5,7 +5,7 @@
 
 Held-out accuracy of a checkpoint = the share of held-out 4-way multiple-choice questions whose greedy first
 answer token (argmax of the last prompt row, the same prompt as `attn-mod eval`) is the gold letter. Steps are
-counted over the whole recipe (align + curriculum1 + curriculum2 + qa).
+counted over the whole recipe (curriculum1 + curriculum2 + qa).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-STAGES = ("align", "curriculum1", "curriculum2", "qa")
+STAGES = ("curriculum1", "curriculum2", "qa")
 
 
 def heldout_accuracy(model, processor, samples, batch_size: int = 50) -> float:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the demo's tiny VLM with `attn-mod train`: align -> curriculum1 -> curriculum2 -> qa, each stage
+# Train the demo's tiny VLM with `attn-mod train`: curriculum1 -> curriculum2 -> qa, each stage
 # starting from the previous stage's final model (configs/train/tiny_demo_*.yaml).
 #   scripts/train_tiny_demo.sh plain           # SFT only
 #   scripts/train_tiny_demo.sh agto            # the same + AGTO losses (lambda_img = lambda_sys = 0.15)
@@ -18,7 +18,7 @@ esac
 [ -f "$root/data/qa.jsonl" ] || "$py" -m attn_mod.data.synthetic "$root/data"
 [ -f "$root/init/config.json" ] || "$py" -c "from attn_mod.data.synthetic import save_init_model; save_init_model('$root/init')"
 prev=$root/init
-for stage in align curriculum1 curriculum2 qa; do
+for stage in curriculum1 curriculum2 qa; do
   out=$root/$variant/$stage
   if [ ! -f "$out/final/config.json" ]; then
     start=$(date +%s)

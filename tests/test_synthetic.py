@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attn_mod.data.samples import read_samples
-from attn_mod.data.synthetic import (CELL, COLOURS, GRID, IMAGE, SHAPES, build_dataset, caption_item, make_bar_scene,
-                                     make_scene, make_split, scene_items, task_corpus)
+from attn_mod.data.synthetic import (CELL, COLOURS, GRID, IMAGE, SHAPES, STAGES, build_dataset, caption_item,
+                                     make_bar_scene, make_scene, make_split, scene_items, task_corpus)
 from attn_mod.eval.datasets import load_benchmark
 from attn_mod.eval.prompts import build_prompt
 from attn_mod.regions import target_token_mask
@@ -158,8 +158,9 @@ def test_build_dataset_files_round_trip_and_splits_share_no_image(tmp_path):
         assert img.tobytes() == s.load_images()[0].tobytes()
         held_hashes.add(hashlib.sha1(img.tobytes()).hexdigest())
     assert len(held_hashes) == 12
-    assert set(paths) == {"heldout", "heldout_tsv", "align", "curriculum1", "curriculum2", "qa"}
-    for stage in ("align", "curriculum1", "curriculum2", "qa"):
+    assert set(paths) == {"heldout", "heldout_tsv", *STAGES}
+    assert list(STAGES) == ["curriculum1", "curriculum2", "qa"]  # the order scripts/train_tiny_demo.sh trains in
+    for stage in STAGES:
         samples = read_samples(paths[stage], require_assistant=True)
         assert samples and all(s.boxes for s in samples)
         for s in samples:

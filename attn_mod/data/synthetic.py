@@ -3,7 +3,7 @@ depends on one object, with that object's pixel box as the TARGET region.
 
     scene = make_scene(random.Random(0), n_objects=3)
     items = scene_items(scene, kinds=("colour", "shape"), form="choice", rng=rng)
-    paths = build_dataset("runs/data", seed=0)     # align / curriculum / qa JSONL + held-out JSONL and TSV
+    paths = build_dataset("runs/data", seed=0)     # curriculum1 / curriculum2 / qa JSONL + held-out JSONL and TSV
 
 Geometry: a ``IMAGE`` x ``IMAGE`` (112 px) grey canvas cut into a ``GRID`` x ``GRID`` grid of ``CELL`` (28 px)
 cells - exactly the merged visual-token cells of Qwen2.5-VL (patch 14, merge 2), so the tiny processor turns
@@ -20,7 +20,8 @@ lookup; or free form):
 * ``left_of`` - "Is the circle left of the square?" Yes / No (needs two objects in different columns)
 * ``bar``     - bar-chart scenes: "What colour is the tallest bar?"  (colour options)        target: that bar
 
-Alignment captions name every object with its cell, in raster order: "row 1 col 2: red circle; row 3 col 4:
+Alignment captions (`caption_item`, `make_split(caption=True)`; not in the default recipe, which learns the
+lookup without them) name every object with its cell, in raster order: "row 1 col 2: red circle; row 3 col 4:
 blue star" (target: every object). The user text of every item is `attn_mod.eval.prompts.build_prompt` of its
 fields, so training prompts and evaluation prompts are identical.
 
@@ -372,19 +373,16 @@ def task_corpus() -> list[str]:
     return lines
 
 
-# Default recipe data: (stage, file, kwargs of make_split). Seeds differ per stage; held-out is drawn first.
+# Default recipe data: {stage: [make_split kwargs, ...]} in training order; seeds differ per stage and the
+# held-out split is drawn first. Multiple choice only, options in a fixed order: one object (the lookup is
+# learnt here), then one to three, then the held-out distribution (three or four objects).
 HELDOUT = dict(seed=10_000, n_images=150, objects=(3, 4), kinds=("colour", "shape"), form="choice", per_kind=1)
 STAGES: dict[str, list[dict]] = {
-    "align": [dict(seed=1, n_images=3000, objects=(1, 2, 3, 4), caption=True)],
-    "curriculum": [dict(seed=2, n_images=200, objects=(1,), kinds=("colour", "shape"), form=("free", "choice")),
-                   dict(seed=3, n_images=3000, objects=(1, 2, 3), kinds=("colour", "shape"), form=("free", "choice"))],
+    "curriculum1": [dict(seed=2, n_images=200, objects=(1,), kinds=("colour", "shape"), form="choice")],
+    "curriculum2": [dict(seed=3, n_images=2500, objects=(1, 2, 3), kinds=("colour", "shape"), form="choice",
+                         per_kind=1)],
     "qa": [dict(seed=4, n_images=4000, objects=(3, 4), kinds=("colour", "shape"), form="choice", per_kind=1)],
 }
-STAGES = {"align": [dict(seed=1, n_images=2000, objects=(1, 2, 3, 4), caption=True)],
-          "curriculum1": [dict(seed=2, n_images=200, objects=(1,), kinds=("colour", "shape"), form=("free", "choice"))],
-          "curriculum2": [dict(seed=3, n_images=2000, objects=(1, 2, 3), kinds=("colour", "shape"),
-                               form=("free", "choice"), per_kind=1)],
-          **{k: v for k, v in STAGES.items() if k == "qa"}}
 # The demo model: Qwen2.5-VL architecture, ~0.4 M parameters (build_tiny keyword arguments).
 DEMO_MODEL = dict(layers=4, hidden=64, heads=4, kv_heads=2, vision_depth=1, vision_hidden=64, qk_scale=1.0)
 

@@ -416,3 +416,37 @@ def test_cross_mass_without_images_and_capture_of_cross_layer_only(tiny):
     with pytest.raises(ValueError, match="cross_attention_mask"):
         model(**{k: v for k, v in batch.items() if k != "cross_attention_mask"})
     handle.remove()
+
+
+def test_gradient_checkpointing_records_cross_masses_once(tiny):
+    """Recomputation in backward runs the cross-attention groups again but records nothing; gradients are the
+    same as without checkpointing."""
+    grads = []
+    for ckpt in (False, True):
+        model, _, proc = twins(tiny)
+        model.train()
+        if ckpt:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        batch = batch_of(proc, QUESTIONS, SIZES, answers=["The answer is B.", "3"])
+        attn_mod.patch(model, proc)
+        with attn_mod.capture(model, detach=False) as rec:
+            out = model(**batch, labels=batch["input_ids"])
+        (out.loss - rec.cross_mass(CROSS)[..., IMAGE].mean()).backward()
+        assert len(rec._cross_runs[-1][CROSS]) == 1 and len(rec._runs[-1][0]) == 1
+        grads.append(model.model.language_model.layers[CROSS].cross_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_save_and_load_tiny_round_trip(tmp_path):
+    from attn_mod.loading import load_model
+    from attn_mod.tiny import save_tiny
+
+    save_tiny("mllama", tmp_path)
+    model, proc = load_model(tmp_path)
+    ref, ref_proc = build_tiny("mllama")
+    batch = batch_of(proc, QUESTIONS[:1], SIZES[:1])
+    assert torch.equal(batch["input_ids"], batch_of(ref_proc, QUESTIONS[:1], SIZES[:1])["input_ids"])
+    handle = attn_mod.patch(model, proc)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
+    handle.remove()

@@ -428,10 +428,13 @@ def test_gradient_checkpointing_records_cross_masses_once(tiny):
         if ckpt:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         batch = batch_of(proc, QUESTIONS, SIZES, answers=["The answer is B.", "3"])
-        attn_mod.patch(model, proc)
+        state = attn_mod.patch(model, proc).state
+        calls, inner = [], state.attend_cross
+        state.attend_cross = lambda *a, **k: calls.append(1) or inner(*a, **k)
         with attn_mod.capture(model, detach=False) as rec:
             out = model(**batch, labels=batch["input_ids"])
         (out.loss - rec.cross_mass(CROSS)[..., IMAGE].mean()).backward()
+        assert len(calls) == 1 + ckpt  # the recomputation really ran
         assert len(rec._cross_runs[-1][CROSS]) == 1 and len(rec._runs[-1][0]) == 1
         grads.append(model.model.language_model.layers[CROSS].cross_attn.q_proj.weight.grad)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

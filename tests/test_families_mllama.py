@@ -67,10 +67,13 @@ def text_categories(proc, batch, labels=None):
     return cats
 
 
-def vision_categories(batch, per_tile=10):
-    """Vision keys (image, tile, patch): PAD on padding tiles (aspect_ratio_mask 0), IMAGE elsewhere."""
+def vision_categories(batch, image_token_id, per_tile=10):
+    """Vision keys (image, tile, patch): IMAGE on tile t of image slot n when the sample has more than n <|image|>
+    tokens and aspect_ratio_mask marks the tile; PAD elsewhere."""
     arm = batch["aspect_ratio_mask"].bool()  # (B, N, T)
-    cats = torch.where(arm, IMAGE, PAD).repeat_interleave(per_tile, dim=2)
+    n_images = (batch["input_ids"] == image_token_id).sum(1)
+    real = torch.arange(arm.shape[1])[None, :] < n_images[:, None]
+    cats = torch.where(arm & real[..., None], IMAGE, PAD).repeat_interleave(per_tile, dim=2)
     return cats.reshape(arm.shape[0], -1).long()
 
 
@@ -140,7 +143,7 @@ def test_identity_matches_eager_logits_and_masses(tiny):
     torch.testing.assert_close(valid_logits(out, batch), valid_logits(ref, batch), atol=1e-5, rtol=0)
     assert rec.layers == (0, 2) and rec.cross_layers == (CROSS,)
     assert torch.equal(rec.categories.long(), text_categories(proc, batch))
-    assert torch.equal(rec.cross_categories.long(), vision_categories(batch))
+    assert torch.equal(rec.cross_categories.long(), vision_categories(batch, model.config.image_token_id))
     valid = batch["attention_mask"].bool()
     for layer in rec.layers:  # self-attention: eager weights summed per text category
         want = torch.einsum("bhqk,bkc->bhqc", ref.attentions[layer].float(), onehot(rec.categories))
@@ -453,3 +456,31 @@ def test_save_and_load_tiny_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
     handle.remove()
+
+
+def test_two_images_rows_see_the_images_before_them(tiny):
+    """A sample with two images: rows between them see the first image's tiles only, later rows both (the
+    processor's rule); every group of rows matches eager (logits and cross masses), padding image slots are PAD."""
+    model, eager, proc = twins(tiny)
+    content = [{"type": "image"}, {"type": "text", "text": "Describe the image."}, {"type": "image"},
+               {"type": "text", "text": "What color is the square?"}]
+    texts = [proc.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                       {"role": "user", "content": content}], add_generation_prompt=True, tokenize=False),
+             chat_text(proc, QUESTIONS[1], system=SYSTEM_PROMPT)]
+    images = [[random_image(130, 90, 3), random_image(40, 40, 4)], [random_image(90, 30, 5)]]
+    batch = proc(text=texts, images=images, return_tensors="pt", padding=True)
+    tiles = batch["cross_attention_mask"].bool().flatten(2)
+    assert len({tuple(r) for r in tiles[0].tolist()}) == 3  # none / first image / both
+    with torch.no_grad():
+        ref = eager(**batch, output_attentions=True)
+    attn_mod.patch(model, proc, backend="torch")
+    with torch.no_grad(), attn_mod.capture(model) as rec:
+        out = model(**batch)
+    torch.testing.assert_close(valid_logits(out, batch), valid_logits(ref, batch), atol=1e-5, rtol=0)
+    assert torch.equal(rec.cross_categories.long(), vision_categories(batch, model.config.image_token_id))
+    assert (rec.cross_categories[1, 40:] == PAD).all()  # sample 1 has no second image
+    seen = rows_seeing_image(batch)
+    want = torch.einsum("bhqk,bkc->bhqc", ref.attentions[CROSS].float(), onehot(rec.cross_categories))
+    got = rec.cross_mass(CROSS).permute(0, 2, 1, 3)
+    torch.testing.assert_close(got[seen], want.permute(0, 2, 1, 3)[seen], atol=1e-5, rtol=0)
+    assert got[~seen].abs().max() == 0

@@ -17,7 +17,7 @@ Llama-3.2-Vision's released template refuses a system message together with an i
 have no SYSTEM tokens (beta, VAS, L_sys and r_vis then have no system term, as with Qwen3-VL).
 
 Labels of the cross-attention keys (vision tokens), per sample: PAD = tiles of padding (aspect_ratio_mask 0: tiles
-beyond the image's tile grid, image slots a sample does not have); TARGET = patch tokens whose pixel cell a box
+beyond the image's tile grid; and image slots a sample does not have, aspect_ratio_ids 0); TARGET = patch tokens whose pixel cell a box
 selects; IMAGE = every other vision token, the tiles' CLS tokens included (a CLS token covers no cell).
 
 Which cross keys a text row sees is Mllama's `cross_attention_mask` (B, S, images, tiles): a row sees the valid
@@ -306,8 +306,11 @@ class MllamaAdapter(FamilyAdapter):
             B, _, N, T = cam.shape
             vision = config.vision_config
             per_tile = (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1
-            arm = inputs.get("aspect_ratio_mask")
-            valid = (arm if arm is not None else cam.amax(1)).detach().cpu().bool()  # (B, N, T)
+            arm, ids = inputs.get("aspect_ratio_mask"), inputs.get("aspect_ratio_ids")
+            if arm is not None and ids is not None:  # the processor marks tile 0 of absent image slots valid too:
+                valid = arm.detach().cpu().bool() & (ids.detach().cpu() > 0)[..., None]  # id 0 = no image
+            else:  # precomputed cross_attention_states: the tiles some row sees
+                valid = cam.detach().cpu().bool().any(1)  # (B, N, T)
             key_cats = torch.where(valid, IMAGE, PAD).to(torch.int8).repeat_interleave(per_tile, dim=2).reshape(B, -1)
             from ..patch import BoxTarget
 

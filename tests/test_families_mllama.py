@@ -418,6 +418,13 @@ def test_cross_mass_without_images_and_capture_of_cross_layer_only(tiny):
     assert rec.cross_masses().shape == (1, 2, 4, batch["input_ids"].shape[1], NUM_CATEGORIES)
     with pytest.raises(ValueError, match="cross_attention_mask"):
         model(**{k: v for k, v in batch.items() if k != "cross_attention_mask"})
+    from attn_mod.attention_rows import record_rows
+
+    with pytest.raises(NotImplementedError, match="cross-attention layers"):
+        with record_rows(model, layers=[CROSS]):
+            pass
+    with record_rows(model, layers="all") as rows:
+        assert rows.layers == (0, 2)
     handle.remove()
 
 

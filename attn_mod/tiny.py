@@ -220,10 +220,11 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         for name, p in model.named_parameters():
             if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
                 p.mul_(qk_scale)
-    if family in ("llava", "internvl", "mllama"):  # the tiny vision tower is random too: sharpen its attention so images differ
+    if family in ("llava", "internvl", "mllama"):  # random vision tower too: sharpen its attention so images differ
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if ("vision_tower" in name or "vision_model" in name) and ("q_proj.weight" in name or "k_proj.weight" in name):
+                vision = "vision_tower" in name or "vision_model" in name
+                if vision and ("q_proj.weight" in name or "k_proj.weight" in name):
                     p.mul_(4.0)
     if family == "mllama":  # gates start at 0 (cross-attention adds nothing); q/k norms undo qk_scale there
         with torch.no_grad():
@@ -444,8 +445,9 @@ def mllama_config(tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int 
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MLLAMA_SPECIAL_TOKENS}
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, cross_attention_layers=list(cross_attention_layers),
-                max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                num_attention_heads=heads, num_key_value_heads=kv_heads,
+                cross_attention_layers=list(cross_attention_layers), max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                 bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"],
                 pad_token_id=ids["<|finetune_right_pad_id|>"])
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,

@@ -471,8 +471,8 @@ def test_two_images_rows_see_the_images_before_them(tiny):
     model, eager, proc = twins(tiny)
     content = [{"type": "image"}, {"type": "text", "text": "Describe the image."}, {"type": "image"},
                {"type": "text", "text": "What color is the square?"}]
-    texts = [proc.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
-                                       {"role": "user", "content": content}], add_generation_prompt=True, tokenize=False),
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+    texts = [proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
              chat_text(proc, QUESTIONS[1], system=SYSTEM_PROMPT)]
     images = [[random_image(130, 90, 3), random_image(40, 40, 4)], [random_image(90, 30, 5)]]
     batch = proc(text=texts, images=images, return_tensors="pt", padding=True)

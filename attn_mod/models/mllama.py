@@ -17,8 +17,9 @@ Llama-3.2-Vision's released template refuses a system message together with an i
 have no SYSTEM tokens (beta, VAS, L_sys and r_vis then have no system term, as with Qwen3-VL).
 
 Labels of the cross-attention keys (vision tokens), per sample: PAD = tiles of padding (aspect_ratio_mask 0: tiles
-beyond the image's tile grid; and image slots a sample does not have, aspect_ratio_ids 0); TARGET = patch tokens whose pixel cell a box
-selects; IMAGE = every other vision token, the tiles' CLS tokens included (a CLS token covers no cell).
+beyond the image's tile grid; and image slots a sample does not have, aspect_ratio_ids 0); TARGET = patch tokens
+whose pixel cell a box selects; IMAGE = every other vision token, the tiles' CLS tokens included (a CLS token covers
+no cell).
 
 Which cross keys a text row sees is Mllama's `cross_attention_mask` (B, S, images, tiles): a row sees the valid
 tiles of the images whose `<|image|>` precedes it (the processor's rule). A row that sees no tile (text before the

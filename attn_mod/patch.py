@@ -218,7 +218,6 @@ class PatchState:
                     head_enable=head_enable)
         return res.out
 
-
     def attend_cross(self, layer: int, q, k, v, scaling) -> torch.Tensor:
         """A cross-attention layer (keys = vision tokens, non-causal; see `attn_mod.models.mllama`): the operator
         once per group of query rows that see the same keys; fully masked rows get the identity over all keys and
@@ -235,9 +234,8 @@ class PatchState:
                 self._transform_on[k.device] = (self.transform.to(k.device),
                                                 None if self.head_enable is None else self.head_enable.to(k.device))
             transform, head_enable = self._transform_on[k.device]
-            row_enable = self.intervention.row_enable(cats_text[:, K_text - Q:], torch.arange(K_text - Q, K_text,
-                                                                                             device=k.device),
-                                                      prompt_end)
+            row_pos = torch.arange(K_text - Q, K_text, device=k.device)  # query rows = the last Q text slots
+            row_enable = self.intervention.row_enable(cats_text[:, K_text - Q:], row_pos, prompt_end)
         recomputing = _in_backward()
         want_mass = (layer in self.mass_layers_last if recomputing
                      else any(rec._wants(layer) for rec in self.recorders))

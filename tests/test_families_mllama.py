@@ -159,6 +159,12 @@ def test_identity_matches_eager_logits_and_masses(tiny):
     assert (~seen & valid).any()  # the system turn precedes the image: fully masked rows were exercised
     with pytest.raises(KeyError, match="cross_mass"):
         rec.mass(CROSS)
+    # SAYO a / v on the cross layer: per-head mean of mass_X over the sample's X vision keys (no box: a undefined)
+    res = attn_mod.metrics.target_attention_from_masses(rec.cross_masses(), rec.cross_categories, causal=False)
+    n_img = (vision_categories(batch, model.config.image_token_id) == IMAGE).sum(1)  # (B,)
+    want_v = want[..., IMAGE].mean(1) / n_img[:, None]  # (B, Q)
+    torch.testing.assert_close(res.v[0][seen], want_v[seen], atol=1e-6, rtol=1e-5)
+    assert torch.isnan(res.a).all()
     handle.remove()
     assert model.config.text_config._attn_implementation == "sdpa"
 

@@ -42,7 +42,8 @@ How AVAR's quantities map (DESIGN.md formulas unchanged; what differs is which k
   `rec.categories`); `rec.cross_mass(l)` / `rec.cross_masses()` / `rec.cross_layers` the cross-attention layers,
   rows = the same query rows, with the vision-key categories `rec.cross_categories`. Their informative part is the
   TARGET share mass_TARGET (of a total image mass of 1); SAYO's a/v apply as written with the cross key counts
-  (`metrics.target_attention_from_masses(rec.cross_masses(), rec.cross_categories)`).
+  (`metrics.target_attention_from_masses(rec.cross_masses(), rec.cross_categories, causal=False)`; n_X counts the
+  sample's non-PAD vision keys of X: exact for rows that see all its images; rows that see none get a = v = 0).
 - VAS = mass_img / (mass_sys + eps) is defined on self-attention layers only (image = the placeholder): a cross row
   has no system keys, its ratio would be 1/eps. `metrics.vas(rec)` uses `rec.layers`, i.e. exactly those.
 - AGTO L_img / L_sys use `rec.masses()`: self-attention layers, image = placeholder. On a cross-attention layer

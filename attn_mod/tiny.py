@@ -398,9 +398,8 @@ MLLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header
 # Llama-3's pre-tokenizer regex (tokenizer.json of Llama-3.x): "\n\n" after <|end_header_id|> is one token.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Llama-3.2-Vision's turn format. Unlike the released template (which raises on a system message together with
-# an image and otherwise adds a dated default system turn), this one renders an explicit system turn as given and
-# adds none by default: system-based quantities need an explicit system message.
+# Llama-3.2-Vision's turn format, simplified: an explicit system turn is rendered as given and none is added by
+# default (the released template adds a dated system turn to text-only prompts, none with images; no tools here).
 MLLAMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"

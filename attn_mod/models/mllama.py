@@ -13,8 +13,9 @@ SYSTEM = a system turn from its `<|start_header_id|>` through its `<|eot_id|>`; 
 `assistant<|end_header_id|>\\n\\n`, through `<|eot_id|>`) or the positions with labels != -100; IMAGE = `<|image|>`
 (the placeholder: in self-attention it is the only visual key); TEXT = the rest (BOS included); PAD = padding. The
 header ids are `encode("system<|end_header_id|>\\n\\n")` etc., checked against the chat template's own rendering.
-Llama-3.2-Vision's released template refuses a system message together with an image: with it, prompts with images
-have no SYSTEM tokens (beta, VAS, L_sys and r_vis then have no system term, as with Qwen3-VL).
+With an image, Llama-3.2-Vision's template adds no default system turn (its first release even refused a system
+message next to an image): without an explicit system message there are no SYSTEM tokens (beta, VAS, L_sys and r_vis
+then have no system term, as with Qwen3-VL).
 
 Labels of the cross-attention keys (vision tokens), per sample: PAD = tiles of padding (aspect_ratio_mask 0: tiles
 beyond the image's tile grid; and image slots a sample does not have, aspect_ratio_ids 0); TARGET = patch tokens

@@ -132,7 +132,8 @@ class RowRecording:
 def record_rows(model, layers=(-1,), rows="last", *, heads: str = "mean") -> Iterator[RowRecording]:
     """Record per-key attention rows of `layers` during the forwards run inside the block.
 
-    model: patched with `attn_mod.patch`. layers: "all", an index or indices (negative from the end).
+    model: patched with `attn_mod.patch`. layers: "all", an index or indices (negative from the end); cross-attention
+        layers (Mllama) are not recorded: "all" skips them, naming one raises NotImplementedError.
     rows: "last" | "all" | iterable of KV-slot positions (see the module doc).
     heads: "mean" (store the mean over query heads, (B, 1, R, K)) or "all" ((B, Hq, R, K)).
     """
@@ -146,8 +147,15 @@ def record_rows(model, layers=(-1,), rows="last", *, heads: str = "mean") -> Ite
             raise ValueError(f"rows must be one of {ROW_CHOICES} or KV-slot positions, got {rows!r}")
     else:
         rows = torch.as_tensor(list(rows), dtype=torch.long).reshape(-1)
-    rec = RowRecording(_resolve_indices(layers, state.num_layers, "layer", "decoder layers"), state.num_layers,
-                       rows, heads)
+    chosen = _resolve_indices(layers, state.num_layers, "layer", "decoder layers")
+    cross = sorted(set(chosen) & set(getattr(state, "cross_layers", ())))
+    if cross and layers == "all":  # "all" = every self-attention layer, as `Recording.layers`
+        chosen, cross = tuple(i for i in chosen if i not in cross), []
+    if cross:
+        raise NotImplementedError(f"layers {cross} are cross-attention layers (keys = vision tokens), whose per-key "
+                                  "rows are not recorded; choose self-attention layers (state.cross_layers lists "
+                                  "the others), or use attn_mod.capture's rec.cross_mass for their masses")
+    rec = RowRecording(chosen, state.num_layers, rows, heads)
 
     def tap(layer, q, k, cats, **kwargs):
         rec._tap(state, layer, q, k, cats, **kwargs)

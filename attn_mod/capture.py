@@ -9,6 +9,11 @@ mass[b, h, i, c] is the attention mass that query row i of head h puts on key sl
 (after any active intervention). Rows are KV slots: for a plain forward, row i is token i; for
 generate, the prompt rows come first, then one row per generated step. Each fresh prefill inside
 one capture starts a new *run* (`rec.mass(layer, run=k)`); the default is the last run.
+
+Models with cross-attention layers (Mllama): layers are decoder indices; `rec.layers` / `rec.mass` / `rec.masses`
+hold the self-attention layers (keys = `rec.categories`), `rec.cross_layers` / `rec.cross_mass` /
+`rec.cross_masses` the cross-attention layers (same query rows, keys = the vision tokens `rec.cross_categories`;
+rows that see no image have zero masses). See `attn_mod.models.mllama` for what the masses mean there.
 """
 
 from __future__ import annotations
@@ -35,21 +40,28 @@ def select_run(runs: list, run: int, empty_message: str):
 class Recording:
     """Masses recorded by `capture`: per run, per layer, a list of (B, Hq, q, C) chunks (one per forward)."""
 
-    def __init__(self, layers: tuple[int, ...], num_layers: int, detach: bool):
-        self.layers = layers
+    def __init__(self, layers: tuple[int, ...], num_layers: int, detach: bool, cross_layers=frozenset()):
+        self.layers = tuple(layer for layer in layers if layer not in cross_layers)
+        self.cross_layers = tuple(layer for layer in layers if layer in cross_layers)
         self.num_layers = num_layers
         self.detach = detach
         self._layer_set = frozenset(layers)
+        self._all_cross = frozenset(cross_layers)
         self._runs: list[dict[int, list[torch.Tensor]]] = []
         self._cats: list[torch.Tensor] = []
+        self._cross_runs: list[dict[int, list[torch.Tensor]]] = []
+        self._cross_cats: list[torch.Tensor | None] = []
         self._state: PatchState | None = None
 
     # called by the patch state --------------------------------------------------------------
     def _begin(self, state: PatchState, new_run: bool) -> None:
         self._state = state
+        cross = getattr(state, "cross", None)
         if new_run or not self._runs:
             self._runs.append({})
             self._cats.append(state.labels)
+            self._cross_runs.append({})
+            self._cross_cats.append(None if cross is None else cross.key_cats)
         else:
             self._cats[-1] = state.labels
 
@@ -58,6 +70,9 @@ class Recording:
 
     def _record(self, layer: int, mass: torch.Tensor) -> None:
         self._runs[-1].setdefault(layer, []).append(mass.detach() if self.detach else mass)
+
+    def _record_cross(self, layer: int, mass: torch.Tensor) -> None:
+        self._cross_runs[-1].setdefault(layer, []).append(mass.detach() if self.detach else mass)
 
     def __repr__(self) -> str:
         from .metrics import _ranges
@@ -82,6 +97,9 @@ class Recording:
         if not -self.num_layers <= layer < self.num_layers:
             raise IndexError(f"layer {layer} is out of range for a model with {self.num_layers} layers")
         given, layer = layer, layer % self.num_layers
+        if layer in self._all_cross:
+            raise KeyError(f"layer {layer} is a cross-attention layer (keys = vision tokens): use "
+                           f"rec.cross_mass({layer}); rec.mass / rec.masses hold the self-attention layers")
         if layer not in self._layer_set:
             how = (f"layer {given} is model layer {layer} (negative indices count from the model's last layer, "
                    f"not from the captured ones)" if given < 0 else f"layer {layer}")
@@ -96,6 +114,38 @@ class Recording:
         """(L, B, Hq, Q, C) masses of all captured layers, in the order of `self.layers`."""
         return torch.stack([self.mass(layer, run) for layer in self.layers])
 
+    def cross_mass(self, layer: int, run: int = -1) -> torch.Tensor:
+        """(B, Hq, Q, C) float32 masses of cross-attention `layer` (a decoder index) over the vision keys
+        (`cross_categories_of(run)`); rows as in `mass`, zero for rows that see no image."""
+        if not -self.num_layers <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is out of range for a model with {self.num_layers} layers")
+        layer = layer % self.num_layers
+        if layer not in self.cross_layers:
+            raise KeyError(f"layer {layer} is not a captured cross-attention layer; captured cross-attention "
+                           f"layers: {list(self.cross_layers)} (of {sorted(self._all_cross)})")
+        chunks = select_run(self._cross_runs, run, "nothing was recorded: run the patched model inside the capture "
+                                                   "block").get(layer)
+        if not chunks:
+            raise RuntimeError(f"cross-attention layer {layer} recorded nothing in run {run} (a forward without "
+                               "images skips the cross-attention layers)")
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+
+    def cross_masses(self, run: int = -1) -> torch.Tensor:
+        """(Lc, B, Hq, Q, C) masses of all captured cross-attention layers, in the order of `self.cross_layers`."""
+        return torch.stack([self.cross_mass(layer, run) for layer in self.cross_layers])
+
+    def cross_categories_of(self, run: int = -1) -> torch.Tensor:
+        """(B, Kv) categories of the vision keys of the cross-attention layers in `run`."""
+        cats = select_run(self._cross_cats, run, "nothing was recorded: run the patched model inside the capture block")
+        if cats is None:
+            raise RuntimeError("this run had no cross-attention keys (no images, or a model without "
+                               "cross-attention layers)")
+        return cats
+
+    @property
+    def cross_categories(self) -> torch.Tensor:
+        return self.cross_categories_of(-1)
+
     def categories_of(self, run: int = -1) -> torch.Tensor:
         self._run(run)
         return self._cats[run]
@@ -108,7 +158,7 @@ class Recording:
     def query_categories(self, run: int = -1) -> torch.Tensor:
         """(B, Q) categories of the recorded query rows (the last Q slots of the run)."""
         cats = self.categories_of(run)
-        first = next(iter(self._run(run).values()))
+        first = next(iter(self._run(run).values()), None) or next(iter(self._cross_runs[run].values()))
         q = sum(c.shape[2] for c in first)
         return cats[:, cats.shape[1] - q:]
 
@@ -129,7 +179,8 @@ def capture(model, layers="all", *, processor=None, detach: bool = True) -> Iter
                              "to patch it with the identity intervention for the duration of the block")
         temporary = patch(model, processor)
         state = temporary.state
-    rec = Recording(_resolve_indices(layers, state.num_layers, "layer", "decoder layers"), state.num_layers, detach)
+    rec = Recording(_resolve_indices(layers, state.num_layers, "layer", "decoder layers"), state.num_layers, detach,
+                    cross_layers=getattr(state, "cross_layers", frozenset()))
     state.recorders.append(rec)
     try:
         yield rec

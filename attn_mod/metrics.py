@@ -194,10 +194,12 @@ class TargetAttention:
 
 
 def target_attention_from_masses(masses: torch.Tensor, key_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
-                                 eps: float = SAYO_EPS) -> TargetAttention:
-    """a(i), v(i), R_a(i) from masses (L, B, Hq, Q, C) and key-slot categories (B, K) (rows = last Q slots)."""
+                                 eps: float = SAYO_EPS, causal: bool = True) -> TargetAttention:
+    """a(i), v(i), R_a(i) from masses (L, B, Hq, Q, C) and key-slot categories (B, K) (rows = last Q slots).
+    causal=False: every key counts for every row (cross-attention masses: `rec.cross_masses()`,
+    `rec.cross_categories`)."""
     L, B, H, Q, _ = masses.shape
-    counts = visible_counts(key_cats.to(masses.device), Q)  # (B, Q, C)
+    counts = visible_counts(key_cats.to(masses.device), Q, causal=causal)  # (B, Q, C)
     n_target = counts[..., TARGET]
     n_img = counts[..., IMAGE] + n_target
     m = masses.float().mean(dim=2)  # mean over heads: (L, B, Q, C)

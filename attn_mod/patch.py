@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from .categories import PAD, RESPONSE, LabelOptions, prompt_end_index, validate_categories
 from .intervention import Intervention
 from .kernels.function import category_attention, resolve_backend
+from .kernels.spec import NUM_CATEGORIES
 from .models import FamilyAdapter, get_adapter
 from .regions import CONVENTIONS, SELECTION_RULES, resized_size_from_config, target_token_mask
 
@@ -80,6 +81,9 @@ class PatchState:
         self.options = options
         self.attention_modules = adapter.attention_modules(model)
         self.num_layers = len(self.attention_modules)
+        # decoder indices of cross-attention layers (keys = vision tokens; Mllama): `attend_cross`, `self.cross`
+        self.cross_layers = adapter.cross_attention_layers(model)
+        self.cross = None
         self.num_heads = adapter.num_query_heads(model)
         self.backend = backend
         self.labels: torch.Tensor | None = None  # (B, K) int8: one category per KV slot
@@ -150,6 +154,9 @@ class PatchState:
                 new[attention_mask[:, -S:].to(new.device) == 0] = PAD
             self.labels = torch.cat([self.labels, new], dim=1)
             new_run = False
+        if self.cross_layers:
+            self.cross = self.adapter.cross_inputs(self.cross, inputs, past, target=self.target, config=self.config,
+                                                   processor=self.processor)
         self.forward_id += 1
         self._on_device = {}
         for rec in self.recorders:
@@ -211,6 +218,46 @@ class PatchState:
                     head_enable=head_enable)
         return res.out
 
+    def attend_cross(self, layer: int, q, k, v, scaling) -> torch.Tensor:
+        """A cross-attention layer (keys = vision tokens, non-causal; see `attn_mod.models.mllama`): the operator
+        once per group of query rows that see the same keys; fully masked rows get the identity over all keys and
+        zero masses. (B, Hq, Q, D) -> (B, Hq, Q, D); records masses under `rec.cross_mass(layer)`."""
+        B, Hq, Q, _ = q.shape
+        if self.labels is None or self.cross is None:
+            raise RuntimeError("attn-mod has no labels for this cross-attention layer: the patched model's own "
+                               "forward must run first")
+        cats_text, prompt_end = self._labels_on(k.device)
+        K_text = cats_text.shape[1]
+        transform = row_enable = head_enable = None
+        if layer in self.active_layers:
+            if k.device not in self._transform_on:
+                self._transform_on[k.device] = (self.transform.to(k.device),
+                                                None if self.head_enable is None else self.head_enable.to(k.device))
+            transform, head_enable = self._transform_on[k.device]
+            row_pos = torch.arange(K_text - Q, K_text, device=k.device)  # query rows = the last Q text slots
+            row_enable = self.intervention.row_enable(cats_text[:, K_text - Q:], row_pos, prompt_end)
+        recomputing = _in_backward()
+        want_mass = (layer in self.mass_layers_last if recomputing
+                     else any(rec._wants(layer) for rec in self.recorders))
+        if want_mass and not recomputing:
+            self.mass_layers_last.add(layer)
+        out = mass = None
+        for cats, rows, attends in self.cross.row_groups(k.shape[2]):
+            res = category_attention(q, k, v, cats.to(k.device), transform if attends else None, scale=scaling,
+                                     causal=False, row_enable=row_enable if attends else None,
+                                     head_enable=head_enable, return_mass=want_mass and attends, backend=self.backend)
+            sel = rows.to(k.device)[:, None, :, None]
+            out = res.out if out is None else torch.where(sel, res.out, out)
+            if want_mass and attends:
+                mass = torch.where(sel, res.mass, torch.zeros_like(res.mass) if mass is None else mass)
+        if want_mass and not recomputing:
+            if mass is None:  # no row of the batch sees an image
+                mass = torch.zeros(B, Hq, Q, NUM_CATEGORIES, dtype=torch.float32, device=q.device)
+            for rec in self.recorders:
+                if rec._wants(layer):
+                    rec._record_cross(layer, mass)
+        return out
+
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
@@ -225,6 +272,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("sliding-window attention layers are not supported by attn-mod yet")
     state, layer = binding
+    if layer in state.cross_layers:
+        return state.attend_cross(layer, query, key, value, scaling).transpose(1, 2).contiguous(), None
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     out = state.attend(layer, query, key, value, attention_mask, scaling, bool(causal))
     return out.transpose(1, 2).contiguous(), None

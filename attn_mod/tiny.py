@@ -64,15 +64,16 @@ _CORPUS = [
     "the a of to in is on at left right top bottom chart plot value number count",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "mllama")
 
 
-def _train_bpe(corpus, special_tokens, vocab_size: int):
-    """A byte-level BPE `tokenizers.Tokenizer` trained offline on `corpus` (x4) with `special_tokens`."""
+def _train_bpe(corpus, special_tokens, vocab_size: int, pre_tokenizer=None):
+    """A byte-level BPE `tokenizers.Tokenizer` trained offline on `corpus` (x4) with `special_tokens`
+    (`pre_tokenizer`: default GPT-2-style ByteLevel)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -87,6 +88,8 @@ def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_cor
         return build_llava_tokenizer(vocab_size)
     if family == "internvl":
         return build_internvl_tokenizer(vocab_size)
+    if family == "mllama":
+        return build_mllama_tokenizer(vocab_size)
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_bpe(_CORPUS + list(extra_corpus), SPECIAL_TOKENS, vocab_size)
@@ -126,6 +129,8 @@ def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=
         return build_llava_processor(tokenizer, image_processor)
     if family == "internvl":
         return build_internvl_processor(tokenizer, image_processor)
+    if family == "mllama":
+        return build_mllama_processor(tokenizer, image_processor)
     from transformers import Qwen2VLImageProcessorPil
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family, **tokenizer_kwargs)
@@ -149,6 +154,8 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         return llava_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     if family == "internvl":
         return internvl_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
+    if family == "mllama":
+        return mllama_config(tokenizer, hidden=hidden, heads=heads, kv_heads=kv_heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
     half = head_dim // 2
@@ -201,6 +208,8 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         from transformers import LlavaForConditionalGeneration as Model
     elif family == "internvl":
         from transformers import InternVLForConditionalGeneration as Model
+    elif family == "mllama":
+        from transformers import MllamaForConditionalGeneration as Model
     else:
         from transformers import Qwen3VLForConditionalGeneration as Model
     torch.manual_seed(seed)
@@ -211,11 +220,19 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         for name, p in model.named_parameters():
             if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
                 p.mul_(qk_scale)
-    if family in ("llava", "internvl"):  # the tiny vision tower is random too: sharpen its attention so images differ
+    if family in ("llava", "internvl", "mllama"):  # random vision tower too: sharpen its attention so images differ
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "vision_tower" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
+                vision = "vision_tower" in name or "vision_model" in name
+                if vision and ("q_proj.weight" in name or "k_proj.weight" in name):
                     p.mul_(4.0)
+    if family == "mllama":  # gates start at 0 (cross-attention adds nothing); q/k norms undo qk_scale there
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
+                    p.fill_(1.0)
+                elif "cross_attn.q_norm" in name or "cross_attn.k_norm" in name:
+                    p.mul_(qk_scale ** 0.5)
     model.generation_config.pad_token_id = cfg.text_config.pad_token_id
     model.generation_config.eos_token_id = cfg.text_config.eos_token_id
     return model.eval(), processor
@@ -246,7 +263,10 @@ def load_tiny_processor(path: str | Path, family: str):
     tok = AutoTokenizer.from_pretrained(path)
     from transformers import GotOcr2ImageProcessorPil
 
-    cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
+    from transformers import MllamaImageProcessorPil
+
+    cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil,
+           "mllama": MllamaImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
     ip = cls.from_pretrained(path)
     return build_processor(family, tokenizer=tok, image_processor=ip)
 
@@ -370,3 +390,66 @@ def internvl_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int 
     return InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"],
                           image_seq_length=(tile // 28) ** 2, downsample_ratio=0.5, vision_feature_layer=-1,
                           vision_feature_select_strategy="default")
+
+
+# --------------------------------------------------------------------------------- Mllama (Llama-3.2-Vision)
+MLLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>", "<|image|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
+# Llama-3's pre-tokenizer regex (tokenizer.json of Llama-3.x): "\n\n" after <|end_header_id|> is one token.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama-3.2-Vision's turn format, simplified: an explicit system turn is rendered as given and none is added by
+# default (the released template adds a dated system turn to text-only prompts, none with images; no tools here).
+MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def build_mllama_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE with Llama-3's pre-tokenizer, its header / turn tokens, `<|image|>` and the template above."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = _train_bpe(_CORPUS + ["\n\n system\n\n user\n\n assistant\n\n"], MLLAMA_SPECIAL_TOKENS, vocab_size,
+                     pre_tokenizer=pre)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=MLLAMA_TEMPLATE,
+                                   bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|finetune_right_pad_id|>", padding_side="left")
+
+
+def build_mllama_processor(tokenizer=None, image_processor=None, *, tile: int = 42, max_tiles: int = 4):
+    """transformers' MllamaProcessor around the offline tokenizer and the PIL Mllama image processor (aspect-ratio
+    tiling onto up to `max_tiles` tiles of `tile` px, 560 in Llama-3.2-Vision; 42 px = 3 x 3 patches here)."""
+    from transformers import MllamaImageProcessorPil, MllamaProcessor
+
+    tokenizer = tokenizer if tokenizer is not None else build_mllama_tokenizer()
+    if image_processor is None:
+        image_processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=max_tiles)
+    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def mllama_config(tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int = 2, tile: int = 42,
+                  patch: int = 14, max_tiles: int = 4, cross_attention_layers=(1,), layers: int = 3):
+    """MllamaConfig: 3 text layers (self, cross, self: Llama-3.2-Vision interleaves one cross-attention layer
+    every 5), a 1 + 1-layer vision encoder on `tile`-px tiles of `patch`-px patches (+ 1 CLS token per tile)."""
+    from transformers import MllamaConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MLLAMA_SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads,
+                cross_attention_layers=list(cross_attention_layers), max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"],
+                pad_token_id=ids["<|finetune_right_pad_id|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+                  vision_output_dim=64, image_size=tile, patch_size=patch, max_num_tiles=max_tiles,
+                  intermediate_layers_indices=[0])
+    return MllamaConfig(text_config=text, vision_config=vision, image_token_index=ids["<|image|>"])

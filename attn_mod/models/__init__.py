@@ -5,9 +5,11 @@ from __future__ import annotations
 from .base import ChatMLAdapter, FamilyAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .mllama import MllamaAdapter
 from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter())
+ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter(),
+                                      MllamaAdapter())
 SUPPORTED_FAMILIES = tuple(a.name for a in ADAPTERS)
 
 

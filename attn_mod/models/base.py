@@ -36,6 +36,10 @@ class FamilyAdapter:
                              "(expected model.get_decoder().layers[i].self_attn)")
         return [layer.self_attn for layer in layers]
 
+    def cross_attention_layers(self, model: nn.Module) -> frozenset[int]:
+        """Decoder indices of layers whose attention keys are not the text sequence (Mllama's cross-attention)."""
+        return frozenset()
+
     def num_query_heads(self, model: nn.Module) -> int:
         return int(self.text_config(model).num_attention_heads)
 

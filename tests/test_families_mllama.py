@@ -497,3 +497,30 @@ def test_two_images_rows_see_the_images_before_them(tiny):
     got = rec.cross_mass(CROSS).permute(0, 2, 1, 3)
     torch.testing.assert_close(got[seen], want.permute(0, 2, 1, 3)[seen], atol=1e-5, rtol=0)
     assert got[~seen].abs().max() == 0
+
+
+def test_avar_visual_reward_layers_are_the_self_attention_layers(tiny):
+    """r_vis (GRPO and the TRL reward) reads self-attention masses only: 'all' = the self-attention layers, a named
+    cross-attention layer is refused with the layers to choose from."""
+    from attn_mod.trainers.grpo import Scores, _self_attention_entries
+    from attn_mod.trainers.trl import AvarVisualReward
+
+    model, _, proc = twins(tiny)
+    cross = sorted(MllamaAdapter().cross_attention_layers(model))
+    n = model.config.text_config.num_hidden_layers
+    selfs = [i for i in range(n) if i not in cross]
+    assert cross and selfs
+    handle = attn_mod.patch(model, proc)
+    try:
+        assert list(AvarVisualReward(model, proc).layer_indices) == selfs
+        with pytest.raises(ValueError, match="cross-attention"):
+            AvarVisualReward(model, proc, layers=[cross[0]])
+    finally:
+        handle.remove()
+    g = torch.Generator().manual_seed(3)
+    s = Scores(None, None, None, torch.rand(len(selfs), 1, 2, 5, NUM_CATEGORIES, generator=g), torch.ones(1, 5),
+               torch.ones(1, 5, dtype=torch.bool), torch.rand(1, 5, generator=g), tuple(selfs))
+    assert _self_attention_entries("all", s, n) == list(range(len(selfs)))
+    assert _self_attention_entries([selfs[-1]], s, n) == [len(selfs) - 1]
+    with pytest.raises(ValueError, match="cross-attention"):
+        _self_attention_entries([cross[0]], s, n)

@@ -293,6 +293,8 @@ class Scores:
     key_cats: torch.Tensor                 # (N, S)
     positions: torch.Tensor                # (N, S) bool positions of valid completion tokens
     row_entropy: torch.Tensor              # (N, S) entropy of each row's next-token distribution
+    layers: tuple[int, ...] | None = None  # decoder index of each entry of `masses` (None: 0..L-1); Mllama's
+    # cross-attention layers are not among them (their keys are vision tokens only)
 
 
 def _forward_completion_logits(model, inputs: dict, T: int) -> torch.Tensor:
@@ -331,7 +333,21 @@ def score_completions(model, handle, c: Completions, *, temperature: float, refe
     positions[:, P:] = c.completion_mask.to(comp.device)
     row_entropy = torch.zeros(N, S, dtype=ent.dtype, device=comp.device)
     row_entropy[:, P - 1:S - 1] = ent
-    return Scores(old, ent, ref_logps, rec.masses(), rec.categories, positions, row_entropy)
+    return Scores(old, ent, ref_logps, rec.masses(), rec.categories, positions, row_entropy, tuple(rec.layers))
+
+
+def _self_attention_entries(layers, s: Scores, num_layers: int) -> list[int]:
+    """Entries of `s.masses` for the configured decoder `layers` ("all" = every captured self-attention layer)."""
+    captured = list(s.layers) if s.layers is not None else list(range(s.masses.shape[0]))
+    if layers == "all":
+        return list(range(len(captured)))
+    want = [i % num_layers for i in layers]
+    bad = [i for i in want if i not in captured]
+    if bad:
+        raise ValueError(f"objective.avar_visual.layers: decoder layers {bad} have no self-attention masses (the "
+                         f"self-attention layers are {captured}); cross-attention layers see only vision keys, so "
+                         "r_vis is defined on self-attention layers")
+    return [captured.index(i) for i in want]
 
 
 def compute_rewards(c: Completions, s: Scores, obj: GRPOObjective, num_layers: int) -> dict[str, R.RewardResult]:
@@ -344,8 +360,7 @@ def compute_rewards(c: Completions, s: Scores, obj: GRPOObjective, num_layers: i
             out[name] = R.sayo_attention_reward(s.masses[-1], s.key_cats, s.row_entropy, s.positions,
                                                 rows=obj.sayo.rows, top_frac=obj.sayo.top_frac, eps=obj.sayo.eps)
         elif name == "avar_visual":
-            layers = obj.avar_visual.layers
-            idx = list(range(num_layers)) if layers == "all" else [i % num_layers for i in layers]
+            idx = _self_attention_entries(obj.avar_visual.layers, s, num_layers)
             out[name] = R.avar_visual_reward(s.masses[idx], s.positions, heads=obj.avar_visual.heads,
                                              eps=obj.avar_visual.eps, key_cats=s.key_cats)
         elif name == "format":

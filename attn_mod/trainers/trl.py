@@ -443,8 +443,18 @@ class AvarVisualReward(_AttentionReward):
 
         module = policy_module(model)
         state = patch_state(module)
-        num_layers = len((state.adapter if state is not None else get_adapter(module)).attention_modules(module))
-        self.layer_indices = _resolve_indices(layers, num_layers, "layer", "decoder layers")  # fail now
+        adapter = state.adapter if state is not None else get_adapter(module)
+        num_layers = len(adapter.attention_modules(module))
+        cross = adapter.cross_attention_layers(module)  # Mllama: keys are vision tokens only, no r_vis there
+        if layers == "all":
+            self.layer_indices = [i for i in range(num_layers) if i not in cross]
+        else:
+            self.layer_indices = _resolve_indices(layers, num_layers, "layer", "decoder layers")  # fail now
+            bad = sorted(set(self.layer_indices) & cross)
+            if bad:
+                raise ValueError(f"layers {bad} are cross-attention layers (keys = vision tokens only); r_vis is "
+                                 f"defined on self-attention layers: choose among "
+                                 f"{[i for i in range(num_layers) if i not in cross]}")
         self.heads, self.eps = heads, float(eps)
 
     def _reward(self, rec, row_entropy, positions):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from .base import ChatMLAdapter, FamilyAdapter
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter())
+ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter(),
+                                       Idefics3Adapter(), SmolVLMAdapter())
 SUPPORTED_FAMILIES = tuple(a.name for a in ADAPTERS)
 
 

@@ -64,7 +64,7 @@ _CORPUS = [
     "the a of to in is on at left right top bottom chart plot value number count",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "idefics3", "smolvlm")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "idefics3", "smolvlm", "llava_onevision")
 
 
 def _train_bpe(corpus, special_tokens, vocab_size: int):
@@ -89,6 +89,8 @@ def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_cor
         return build_internvl_tokenizer(vocab_size)
     if family in IDEFICS3_TINY:
         return build_idefics3_tokenizer(family, vocab_size)
+    if family == "llava_onevision":
+        return build_onevision_tokenizer(vocab_size)
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_bpe(_CORPUS + list(extra_corpus), SPECIAL_TOKENS, vocab_size)
@@ -130,6 +132,8 @@ def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=
         return build_internvl_processor(tokenizer, image_processor)
     if family in IDEFICS3_TINY:
         return build_idefics3_processor(family, tokenizer, image_processor)
+    if family == "llava_onevision":
+        return build_onevision_processor(tokenizer, image_processor)
     from transformers import Qwen2VLImageProcessorPil
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family, **tokenizer_kwargs)
@@ -155,6 +159,8 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         return internvl_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     if family in IDEFICS3_TINY:
         return idefics3_config(family, tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
+    if family == "llava_onevision":
+        return onevision_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
     half = head_dim // 2
@@ -211,6 +217,8 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
         Model = Idefics3ForConditionalGeneration if family == "idefics3" else SmolVLMForConditionalGeneration
+    elif family == "llava_onevision":
+        from transformers import LlavaOnevisionForConditionalGeneration as Model
     else:
         from transformers import Qwen3VLForConditionalGeneration as Model
     torch.manual_seed(seed)
@@ -221,7 +229,7 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         for name, p in model.named_parameters():
             if ("language_model" in name or "text_model" in name) and ("q_proj.weight" in name or "k_proj.weight" in name):
                 p.mul_(qk_scale)
-    if family in ("llava", "internvl", "idefics3", "smolvlm"):  # the tiny vision tower is random too: sharpen its attention so images differ
+    if family in ("llava", "internvl", "idefics3", "smolvlm", "llava_onevision"):  # the tiny vision tower is random too: sharpen its attention so images differ
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ("vision_tower" in name or "vision_model" in name) and ("q_proj.weight" in name or "k_proj.weight" in name):
@@ -256,10 +264,11 @@ def load_tiny_processor(path: str | Path, family: str):
     tok = AutoTokenizer.from_pretrained(path)
     from transformers import GotOcr2ImageProcessorPil
 
-    from transformers import Idefics3ImageProcessorPil, SmolVLMImageProcessorPil
+    from transformers import Idefics3ImageProcessorPil, LlavaOnevisionImageProcessorPil, SmolVLMImageProcessorPil
 
     cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil, "idefics3": Idefics3ImageProcessorPil,
-           "smolvlm": SmolVLMImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
+           "smolvlm": SmolVLMImageProcessorPil, "llava_onevision": LlavaOnevisionImageProcessorPil,
+           }.get(family, Qwen2VLImageProcessorPil)
     ip = cls.from_pretrained(path)
     return build_processor(family, tokenizer=tok, image_processor=ip)
 
@@ -483,3 +492,69 @@ def idefics3_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2
     cls = Idefics3Config if family == "idefics3" else SmolVLMConfig
     return cls(text_config=text, vision_config=vision, image_token_id=ids["<image>"], scale_factor=scale,
                pad_token_id=ids["<pad>"])
+
+
+# ------------------------------------------------------------------------------------ LLaVA-OneVision
+ONEVISION_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+# llava-hf/llava-onevision-qwen2-*-hf's template: "<|im_start|>{role} " then the images, then "\n" + text.
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{ '<|im_end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# 56-px crops of 4x4 SigLIP patches (OneVision: 384 px, 27x27 = 729), anyres grids up to 3x3 crops.
+ONEVISION_CROP, ONEVISION_PATCH = 56, 14
+ONEVISION_PINPOINTS = [[56 * r, 56 * c] for r in (1, 2, 3) for c in (1, 2, 3)]
+
+
+def build_onevision_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE with ChatML markers, `<image>` / `<video>` and LLaVA-OneVision's template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(_CORPUS, ONEVISION_SPECIAL, vocab_size)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=ONEVISION_TEMPLATE, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", padding_side="left")
+
+
+def build_onevision_processor(tokenizer=None, image_processor=None, *, vision_aspect_ratio: str = "anyres_max_9"):
+    """transformers' LlavaOnevisionProcessor (no video processor: it needs torchvision) around the offline
+    tokenizer and the PIL image processor (anyres pinpoints `ONEVISION_PINPOINTS`, 56-px crops)."""
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+
+    class _NoVideoOnevisionProcessor(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):  # noqa: D102
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = tokenizer if tokenizer is not None else build_onevision_tokenizer()
+    if image_processor is None:
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": ONEVISION_CROP, "width": ONEVISION_CROP},
+                                                          image_grid_pinpoints=ONEVISION_PINPOINTS)
+    side = image_processor.size["height"] // ONEVISION_PATCH
+    return _NoVideoOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                      num_image_tokens=side * side, vision_feature_select_strategy="full",
+                                      vision_aspect_ratio=vision_aspect_ratio, chat_template=tokenizer.chat_template)
+
+
+def onevision_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                     vision_aspect_ratio: str = "anyres_max_9"):
+    """LlavaOnevisionConfig: tiny Qwen2 text model + tiny SigLIP tower (56 px, patch 14, no CLS: strategy "full")."""
+    from transformers import LlavaOnevisionConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ONEVISION_SPECIAL}
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=ONEVISION_CROP, patch_size=ONEVISION_PATCH, vision_use_head=False)
+    return LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                                video_token_index=ids["<video>"], vision_feature_select_strategy="full",
+                                vision_feature_layer=-1, image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                vision_aspect_ratio=vision_aspect_ratio)

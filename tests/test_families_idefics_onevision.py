@@ -316,3 +316,168 @@ def test_save_and_load_tiny_round_trip(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
     handle.remove()
+
+
+# ======================================================================================= LLaVA-OneVision
+OV_SIZES = [(130, 90), (60, 84)]
+
+
+def ov_chat(proc, question, *, answer=None, system=SYSTEM_PROMPT, images=1):
+    """llava-hf's OneVision template reads list contents only."""
+    text = lambda t: [{"type": "text", "text": t}]  # noqa: E731
+    messages = ([{"role": "system", "content": text(system)}] if system else []) + [
+        {"role": "user", "content": [{"type": "image"}] * images + text(question)}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": text(answer)})
+    return proc.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+
+
+def ov_inputs(proc, questions, sizes, *, answers=None, seed=0, system=SYSTEM_PROMPT):
+    answers = answers or [None] * len(questions)
+    texts = [ov_chat(proc, q, answer=a, system=system) for q, a in zip(questions, answers)]
+    images = [[random_image(w, h, seed + i)] for i, (w, h) in enumerate(sizes)]
+    return proc(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def onevision_categories(processor, batch, labels=None):
+    """SYSTEM = first non-pad slot through the first <|im_end|> (the system turn); IMAGE = every <image>
+    placeholder (newline slots included); RESPONSE = labels != -100; PAD = mask 0; TEXT = the rest."""
+    tok = processor.tokenizer
+    ids, am = batch["input_ids"], batch["attention_mask"].bool()
+    cats = torch.full(ids.shape, TEXT, dtype=torch.long)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for b in range(ids.shape[0]):
+        first = am[b].nonzero()[0].item()
+        cats[b, first:(ids[b] == end).nonzero()[0].item() + 1] = SYSTEM
+    cats[ids == tok.convert_tokens_to_ids("<image>")] = IMAGE
+    if labels is not None:
+        cats[labels != -100] = RESPONSE
+    cats[~am] = PAD
+    return cats
+
+
+def test_onevision_identity_matches_eager_logits_and_masses():
+    model, eager, proc = twin_models("llava_onevision")
+    batch = ov_inputs(proc, QUESTIONS, OV_SIZES)
+    with torch.no_grad():
+        ref = eager(**batch, output_attentions=True)
+    handle = attn_mod.patch(model, proc, backend="torch")
+    with torch.no_grad(), attn_mod.capture(model) as rec:
+        out = model(**batch)
+    torch.testing.assert_close(valid_logits(out, batch), valid_logits(ref, batch), atol=1e-5, rtol=0)
+    assert torch.equal(rec.categories.long(), onevision_categories(proc, batch))
+    oh = onehot(rec.categories)
+    valid = batch["attention_mask"].bool()
+    assert len(ref.attentions) == model.config.text_config.num_hidden_layers
+    for layer, attn in enumerate(ref.attentions):
+        want = torch.einsum("bhqk,bkc->bhqc", attn.float(), oh)
+        got = rec.mass(layer)
+        torch.testing.assert_close(got.permute(0, 2, 1, 3)[valid], want.permute(0, 2, 1, 3)[valid], atol=1e-5, rtol=0)
+        assert got[..., IMAGE].sum() > 0 and got[..., SYSTEM].sum() > 0
+    handle.remove()
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_onevision_template_roles():
+    """The header "assistant \\n" (space after the role) is read from the template: the answer body is
+    RESPONSE; without a system turn nothing is SYSTEM; a template without ChatML turns is refused."""
+    model, _, proc = twin_models("llava_onevision")
+    tok = proc.tokenizer
+    batch = ov_inputs(proc, QUESTIONS[:1], OV_SIZES[:1], answers=["The answer is B."], system=None)
+    handle = attn_mod.patch(model, proc, backend="torch")
+    with torch.no_grad():
+        model(**batch)
+    n_answer = len(tok.encode("The answer is B.", add_special_tokens=False)) + 1  # + <|im_end|>
+    want = onevision_categories(proc, batch)
+    want[want == SYSTEM] = TEXT  # no system turn: the oracle's span up to the first <|im_end|> is the user turn
+    want[0, -n_answer:] = RESPONSE
+    assert tok.decode(batch["input_ids"][0, :-n_answer]).endswith("<|im_start|>assistant \n")
+    assert torch.equal(handle.categories.long(), want)
+    handle.remove()
+    saved = tok.chat_template
+    tok.chat_template = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
+    try:
+        with pytest.raises(ValueError, match="categories='explicit'"):
+            attn_mod.patch(model, proc)
+    finally:
+        tok.chat_template = saved
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_onevision_avar_matches_eager_formula(renorm):
+    model, eager, proc = twin_models("llava_onevision")
+    batch = ov_inputs(proc, QUESTIONS, OV_SIZES)
+    iv = Intervention.avar(alpha=0.3, beta=0.5, renorm=renorm)
+    handle = attn_mod.patch(model, proc, intervention=iv, backend="torch")
+    with torch.no_grad():
+        got = model(**batch)
+        base = eager(**batch)
+        set_reference(iv, onevision_categories(proc, batch), 2, 4)
+        eager.set_attn_implementation({"text_config": "test_eager_formula"})
+        want = eager(**batch)
+    torch.testing.assert_close(valid_logits(got, batch), valid_logits(want, batch), atol=1e-5, rtol=0)
+    assert (valid_logits(got, batch) - valid_logits(base, batch)).abs().max() > 1e-2
+    handle.remove()
+
+
+def test_onevision_generic_intervention_with_response_labels_matches_formula():
+    model, eager, proc = twin_models("llava_onevision")
+    batch = ov_inputs(proc, QUESTIONS, OV_SIZES, answers=["The answer is B.", "3"])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -5:-1] = batch["input_ids"][:, -5:-1]
+    iv = Intervention(mul={"text": 1.2}, absw={"visual": 0.3}, add={"system": -0.5},
+                      w={"visual": 1.5, "response": 0.7}, renorm=True, layers=[1], heads=[0, 3],
+                      query=["response", "text"])
+    handle = attn_mod.patch(model, proc, intervention=iv, backend="torch")
+    with torch.no_grad():
+        got = model(**batch, labels=labels)
+        set_reference(iv, onevision_categories(proc, batch, labels), 2, 4)
+        eager.set_attn_implementation({"text_config": "test_eager_formula"})
+        want = eager(**batch, labels=labels)
+    torch.testing.assert_close(valid_logits(got, batch), valid_logits(want, batch), atol=1e-5, rtol=0)
+    handle.remove()
+
+
+@pytest.mark.parametrize("iv", [Intervention.identity(), Intervention.avar(0.3, 0.5)], ids=["identity", "avar"])
+def test_onevision_left_padded_generate_equals_single_prompts(iv):
+    model, eager, proc = twin_models("llava_onevision")
+    batch = ov_inputs(proc, QUESTIONS, OV_SIZES)
+    assert (batch["attention_mask"] == 0).any()
+    kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    singles = [ov_inputs(proc, [QUESTIONS[i]], [OV_SIZES[i]], seed=i) for i in range(2)]
+    if iv.transform().is_identity():  # the model's own eager implementation is consistent here too
+        ref = eager.generate(**batch, **kw)
+        for i in range(2):
+            alone = eager.generate(**singles[i], **kw)
+            assert torch.equal(ref.sequences[i, -6:], alone.sequences[0, -6:])
+    handle = attn_mod.patch(model, proc, intervention=iv, backend="torch")
+    together = model.generate(**batch, **kw)
+    if iv.transform().is_identity():
+        assert torch.equal(together.sequences, ref.sequences)
+    for i in range(2):
+        alone = model.generate(**singles[i], **kw)
+        assert torch.equal(together.sequences[i, -6:], alone.sequences[0, -6:])
+        for s_batch, s_alone in zip(together.scores, alone.scores):
+            torch.testing.assert_close(s_batch[i], s_alone[0], atol=1e-4, rtol=0)
+    handle.remove()
+
+
+def test_onevision_training_gradients_match_eager():
+    model, eager, proc = twin_models("llava_onevision")
+    batch = ov_inputs(proc, QUESTIONS, OV_SIZES, answers=["The answer is B.", "3"])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -6:] = batch["input_ids"][:, -6:]
+    for m in (model, eager):
+        m.train()
+    eager(**batch, labels=labels).loss.backward()
+    attn_mod.patch(model, proc)
+    with attn_mod.capture(model, detach=False) as rec:
+        loss = model(**batch, labels=labels).loss
+    loss.backward()
+    n = 0
+    for (name, p), (_, pe) in zip(model.named_parameters(), eager.named_parameters()):
+        if pe.grad is not None:
+            torch.testing.assert_close(p.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
+            n += 1
+    assert n > 10 and rec.masses()[..., IMAGE].requires_grad
+    assert model.model.image_newline.grad.abs().sum() > 0  # the newline slots are IMAGE and get gradient

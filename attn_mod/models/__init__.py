@@ -6,10 +6,11 @@ from .base import ChatMLAdapter, FamilyAdapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
 ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter(),
-                                       Idefics3Adapter(), SmolVLMAdapter())
+                                       Idefics3Adapter(), SmolVLMAdapter(), LlavaOnevisionAdapter())
 SUPPORTED_FAMILIES = tuple(a.name for a in ADAPTERS)
 
 

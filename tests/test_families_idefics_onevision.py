@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 import attn_mod
+import attn_mod.models
+import attn_mod.regions
 from attn_mod import Intervention
 from attn_mod.categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET, TEXT
 from helpers import chat_text, onehot, random_image, twin_models
@@ -481,3 +483,171 @@ def test_onevision_training_gradients_match_eager():
             n += 1
     assert n > 10 and rec.masses()[..., IMAGE].requires_grad
     assert model.model.image_newline.grad.abs().sum() > 0  # the newline slots are IMAGE and get gradient
+
+
+def _ov_packed(model, proc, images, features_of):
+    """The model's own packing (`pack_image_features`, image_newline = -1 in every channel) of per-patch
+    features computed from the processor's own crops: features_of(crops (N, 3, S, S) -> (N, P*P, C))."""
+    enc = proc.image_processor(images=[images], return_tensors="pt")
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    multi = len(images) > 1
+    out = []
+    for k, size in enumerate(enc["image_sizes"]):
+        n = 1 if multi else image_size_to_num_patches(size, model.config.image_grid_pinpoints,
+                                                      model.config.vision_config.image_size)
+        crops = enc["pixel_values"][0][:n] if not multi else enc["pixel_values"][0][k:k + 1]
+        feats = features_of(crops)
+        newline = torch.full((feats.shape[-1],), -1.0)
+        packed, lens = model.model.pack_image_features([feats], size[None], image_newline=newline,
+                                                       vision_aspect_ratio=model.config.vision_aspect_ratio)
+        out.append(packed[0])
+    return out
+
+
+def _ov_fill_features(proc, image, patch):
+    """features_of for `image` (a box image): per patch, its white fraction and that of its 2x2 centre pixels."""
+    def pv(img):
+        return proc.image_processor(images=[[img]], return_tensors="pt")["pixel_values"][0]
+
+    lo, hi = pv(Image.new("RGB", image.size, 0)), pv(Image.new("RGB", image.size, (255, 255, 255)))
+
+    def features_of(crops):
+        n = crops.shape[0]
+        frac = ((pv(image)[:n] - lo[:n]) / (hi[:n] - lo[:n])).nan_to_num(0.0).mean(1).clamp(0, 1)
+        sq = frac.unfold(1, patch, patch).unfold(2, patch, patch)  # (N, P, P, patch, patch), SigLIP's raster
+        m = patch // 2
+        return torch.stack([sq.mean((-1, -2)), sq[..., m - 1:m + 1, m - 1:m + 1].mean((-1, -2))], -1).flatten(1, 2)
+
+    return features_of
+
+
+@pytest.mark.parametrize("size", [(130, 90), (60, 84), (56, 56), (301, 47), (90, 200), (40, 30), (150, 160)])
+def test_onevision_boxes_match_processor_crops(size):
+    """Base image + anyres grid (unpadded, newline per row), token by token against the processor's crops as
+    the model itself packs them; newline slots are exactly the None cells."""
+    model, _, proc = twin_models("llava_onevision")
+    w, h = size
+    geo = attn_mod.models.get_adapter(model).box_geometry(proc, model.config)
+    cells = geo.cells((h, w))
+    enc = ov_inputs(proc, QUESTIONS[:1], [size], system=None)
+    assert len(cells) == int((enc["input_ids"] == model.config.image_token_id).sum())
+    patch = geo.patch
+    for box in random_boxes(w, h):
+        (packed,) = _ov_packed(model, proc, [_box_image(w, h, box)], _ov_fill_features(proc, _box_image(w, h, box),
+                                                                                       patch))
+        assert packed.shape[0] == len(cells)
+        assert [c is None for c in cells] == (packed[:, 0] == -1).tolist()
+        check_boxes_against_pixels(cells, (packed[:, 0], packed[:, 1]), box, (h, w))
+    full = attn_mod.regions.select_cells(cells, (0, 0, w, h), (h, w))
+    assert full.tolist() == [i for i, c in enumerate(cells) if c is not None]
+    rows = sum(c is None for c in cells)
+    assert rows == geo.feature_rows_cols(h, w)[4] > 0
+
+
+@pytest.mark.parametrize("size", [(130, 90), (150, 160), (301, 47)])
+def test_onevision_anyres_max_resized_grid_matches_model(size):
+    """With anyres_max_1 the unpadded grid is bilinearly resized: each token's region (its cell) has, as its
+    centre, the point the model's interpolation samples (exact for the linear per-patch canvas coordinates)."""
+    from attn_mod.tiny import build_onevision_processor
+
+    model, _, _ = twin_models("llava_onevision")
+    model.config.vision_aspect_ratio = "anyres_max_1"
+    proc = build_onevision_processor(vision_aspect_ratio="anyres_max_1")
+    w, h = size
+    geo = attn_mod.models.get_adapter(model).box_geometry(proc, model.config)
+    r0, r1, c0, c1, oh, ow = geo.feature_rows_cols(h, w)
+    assert (oh, ow) != (r1 - r0, c1 - c0)  # the resize happens
+    cells = geo.cells((h, w))
+    enc = ov_inputs(proc, QUESTIONS[:1], [size], system=None)
+    assert len(cells) == int((enc["input_ids"] == model.config.image_token_id).sum())
+    bh, bw, nh, nw, top, left = geo.grid_shape(h, w)
+    S, p = geo.crop, geo.patch
+    npw = bw // S
+
+    def features_of(crops):  # canvas centre (x, y) of every patch; crops after the base one in raster order
+        P = S // p
+        ys, xs = torch.meshgrid(torch.arange(P) * p + p / 2, torch.arange(P) * p + p / 2, indexing="ij")
+        feats = [torch.zeros(P * P, 2)]  # base image: not interpolated, checked by the test above
+        for k in range(crops.shape[0] - 1):
+            oy, ox = (k // npw) * S, (k % npw) * S
+            feats.append(torch.stack([xs + ox, ys + oy], -1).reshape(-1, 2).double().float())
+        return torch.stack(feats)
+
+    (packed,) = _ov_packed(model, proc, [random_image(w, h)], features_of)
+    assert packed.shape[0] == len(cells)
+    assert [c is None for c in cells] == (packed[:, 0] == -1).tolist()
+    base = geo.side ** 2
+    for n in range(base, len(cells)):
+        if cells[n] is None:
+            continue
+        x0, y0, x1, y1 = cells[n]
+        cx = float((x0 + x1) / 2) * nw / w + left  # cell centre in canvas pixels
+        cy = float((y0 + y1) / 2) * nh / h + top
+        assert abs(packed[n, 0].item() - cx) < 1e-3 and abs(packed[n, 1].item() - cy) < 1e-3, (n, cells[n])
+
+
+def test_onevision_multi_image_sample_boxes():
+    """Two images in one sample: each is padded to square and resized to one crop, P*P tokens + one newline,
+    checked against the processor's crop of that image as the model packs it."""
+    model, _, proc = twin_models("llava_onevision")
+    sizes = [(130, 90), (40, 70)]
+    geo = attn_mod.models.get_adapter(model).box_geometry(proc, model.config)
+    enc = proc(text=[ov_chat(proc, QUESTIONS[0], images=2)], images=[[random_image(w, h, i) for i, (w, h) in
+                                                                      enumerate(sizes)]], return_tensors="pt")
+    assert enc["batch_num_images"].tolist() == [2]
+    cells = [geo.cells((h, w), multi_image=True) for w, h in sizes]
+    assert sum(map(len, cells)) == int((enc["input_ids"] == model.config.image_token_id).sum())
+
+    def pv(imgs):  # (images, 3, S, S): one crop per image of a multi-image sample
+        return proc.image_processor(images=[imgs], return_tensors="pt")["pixel_values"][:, 0]
+
+    lo = pv([Image.new("RGB", s, 0) for s in sizes])
+    hi = pv([Image.new("RGB", s, (255, 255, 255)) for s in sizes])
+    m = geo.patch // 2
+    for k, (w, h) in enumerate(sizes):
+        for box in random_boxes(w, h, 4):
+            imgs = [_box_image(*s, box) if j == k else random_image(*s) for j, s in enumerate(sizes)]
+            frac = ((pv(imgs)[k] - lo[k]) / (hi[k] - lo[k])).nan_to_num(0.0).mean(0).clamp(0, 1)  # padding -> 0
+            sq = frac.unfold(0, geo.patch, geo.patch).unfold(1, geo.patch, geo.patch)
+            feats = torch.stack([sq.mean((-1, -2)), sq[..., m - 1:m + 1, m - 1:m + 1].mean((-1, -2))], -1)
+            (packed,), _ = model.model.pack_image_features([feats.flatten(0, 1)[None]], torch.tensor([[h, w]]),
+                                                           image_newline=torch.full((2,), -1.0))
+            assert [c is None for c in cells[k]] == (packed[:, 0] == -1).tolist()
+            check_boxes_against_pixels(cells[k], (packed[:, 0], packed[:, 1]), box, (h, w))
+
+
+def test_onevision_set_target_boxes_label_target_tokens():
+    model, _, proc = twin_models("llava_onevision")
+    batch = ov_inputs(proc, QUESTIONS, OV_SIZES)
+    handle = attn_mod.patch(model, proc, backend="torch")
+    boxes = [[(10, 5, 60, 40)], [(5, 50, 40, 84)]]
+    sizes_hw = [(90, 130), (84, 60)]
+    handle.set_target(boxes=boxes, images=sizes_hw)
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    geo = handle.state.adapter.box_geometry(proc, model.config)
+    want = onevision_categories(proc, batch)
+    for b in range(2):
+        cells = geo.cells(sizes_hw[b])
+        idx = attn_mod.regions.select_cells(cells, boxes[b][0], sizes_hw[b])
+        img_pos = (batch["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
+        assert 0 < idx.numel() < img_pos.numel() and all(cells[i] is not None for i in idx.tolist())
+        want[b, img_pos[idx]] = TARGET
+    assert torch.equal(handle.categories[:, :batch["input_ids"].shape[1]].long(), want)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+    handle.remove()
+
+
+def test_onevision_save_and_load_tiny_round_trip(tmp_path):
+    from attn_mod.loading import load_model
+    from attn_mod.tiny import build_tiny, save_tiny
+
+    save_tiny("llava_onevision", tmp_path)
+    model, proc = load_model(tmp_path)
+    ref, ref_proc = build_tiny("llava_onevision")
+    batch = ov_inputs(proc, QUESTIONS[:1], OV_SIZES[:1])
+    assert torch.equal(batch["input_ids"], ov_inputs(ref_proc, QUESTIONS[:1], OV_SIZES[:1])["input_ids"])
+    handle = attn_mod.patch(model, proc)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
+    handle.remove()

@@ -651,3 +651,32 @@ def test_onevision_save_and_load_tiny_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
     handle.remove()
+
+
+def test_onevision_multi_image_set_target_uses_batch_num_images():
+    """A box on the second image of a two-image sample: TARGET lands on that image's tokens (its multi-image
+    layout, read from the processor's batch_num_images), in a forward and through generate."""
+    model, _, proc = twin_models("llava_onevision")
+    sizes = [(130, 90), (40, 70)]
+    enc = proc(text=[ov_chat(proc, QUESTIONS[0], images=2)], images=[[random_image(w, h, i) for i, (w, h) in
+                                                                      enumerate(sizes)]], return_tensors="pt")
+    handle = attn_mod.patch(model, proc, backend="torch")
+    hw = [(h, w) for w, h in sizes]
+    boxes = [[(1, (5, 10, 30, 50))]]
+    geo = handle.state.adapter.box_geometry(proc, model.config)
+    first = len(geo.cells(hw[0], multi_image=True))
+    idx = attn_mod.regions.select_cells(geo.cells(hw[1], multi_image=True), boxes[0][0][1], hw[1])
+    img_pos = (enc["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    want = onevision_categories(proc, enc)
+    want[0, img_pos[first + idx]] = TARGET
+    assert 0 < idx.numel() < len(img_pos) - first
+    handle.set_target(boxes=boxes, images=hw)
+    with torch.no_grad():
+        model(**enc)
+    assert torch.equal(handle.categories.long(), want)
+    model.generate(**enc, max_new_tokens=2, do_sample=False)
+    assert torch.equal(handle.categories[:, :enc["input_ids"].shape[1]].long(), want)
+    no_counts = {k: v for k, v in enc.items() if k != "batch_num_images"}
+    with pytest.raises(ValueError, match="batch_num_images"):
+        model(**no_counts)
+    handle.remove()

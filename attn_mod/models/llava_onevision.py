@@ -242,17 +242,34 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             raise NotImplementedError("video boxes are not implemented for llava_onevision; pass images= only")
         geo = self.box_geometry(processor, config)
         sizes = list(target.image_sizes or [])
-        per_sample = inputs.get("batch_num_images")
-        if per_sample is None:
-            if len(sizes) != input_ids.shape[0]:
-                raise ValueError("boxes on llava_onevision with several images per sample need the processor's "
-                                 "batch_num_images in the model inputs (single-image and multi-image samples are "
-                                 "tokenized differently)")
-            per_sample = [1] * len(sizes)
-        multi = [int(n) != 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(int(n))]
-        if len(multi) != len(sizes):
-            raise ValueError(f"batch_num_images accounts for {len(multi)} images but {len(sizes)} image sizes were "
-                             "given; pass one original (H, W) per image, in order")
+        multi = self._multi_image_flags(geo, sizes, inputs, input_ids.shape[0])
         cells = [geo.cells(size, multi_image=m) for size, m in zip(sizes, multi)]
         return cells_target_mask(input_ids, config.image_token_id, cells, target.boxes, sizes,
                                  convention=target.convention, by=target.by)
+
+    @staticmethod
+    def _multi_image_flags(geo: AnyresGeometry, sizes: list, inputs: dict, batch_size: int) -> list[bool]:
+        """Per image: laid out as part of a multi-image sample? From the processor's `batch_num_images` when the
+        forward has it, else (generate() passes precomputed vision features instead) from the length of each
+        image's packed features: P*P + 1 for a multi-image layout, never equal to a single image's count."""
+        per_sample = inputs.get("batch_num_images")
+        if per_sample is not None:
+            multi = [int(n) != 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(int(n))]
+        else:
+            pooled = getattr((inputs.get("mm_encoder_outputs") or {}).get("image"), "pooler_output", None)
+            if pooled is not None:
+                lens = [int(f.shape[0]) for f in pooled]
+                if len(lens) != len(sizes):
+                    raise ValueError(f"the model holds features of {len(lens)} images but {len(sizes)} image sizes "
+                                     "were given; pass one original (H, W) per image, in order")
+                multi = [n == geo.side**2 + 1 for n in lens]
+            elif len(sizes) == batch_size:
+                multi = [False] * len(sizes)  # one image per sample: the single-image (anyres) layout
+            else:
+                raise ValueError("boxes on llava_onevision with several images per sample need the processor's "
+                                 "batch_num_images in the model inputs (single-image and multi-image samples are "
+                                 "tokenized differently)")
+        if len(multi) != len(sizes):
+            raise ValueError(f"batch_num_images accounts for {len(multi)} images but {len(sizes)} image sizes were "
+                             "given; pass one original (H, W) per image, in order")
+        return multi

@@ -680,3 +680,30 @@ def test_onevision_multi_image_set_target_uses_batch_num_images():
     with pytest.raises(ValueError, match="batch_num_images"):
         model(**no_counts)
     handle.remove()
+
+
+@pytest.mark.parametrize("fam", ["idefics3", "smolvlm", "llava_onevision"])
+def test_target_boxes_intervention_matches_eager_formula(fam):
+    """Boxes -> TARGET (sub-images + global image / base image + grid) and a target-weighted intervention equal
+    the independent eager formula on the oracle's categories with TARGET at the expected positions."""
+    model, eager, proc = twin_models(fam)
+    ov = fam == "llava_onevision"
+    batch = (ov_inputs if ov else inputs)(proc, QUESTIONS, SIZES)
+    sizes_hw = [(h, w) for w, h in SIZES]
+    boxes = [[(20, 10, 90, 60)], [(0, 30, 45, 84)]]
+    iv = Intervention(mul={"target": 1.5}, w={"target": 2.0, "system": 0.5}, add={"text": 0.2}, renorm=True)
+    handle = attn_mod.patch(model, proc, intervention=iv, backend="torch")
+    handle.set_target(boxes=boxes, images=sizes_hw)
+    geo = handle.state.adapter.box_geometry(proc, model.config)
+    cats = (onevision_categories if ov else idefics3_categories)(proc, batch)
+    for b in range(2):
+        idx = attn_mod.regions.select_cells(geo.cells(sizes_hw[b]), boxes[b][0], sizes_hw[b])
+        cats[b, (batch["input_ids"][b] == model.config.image_token_id).nonzero().flatten()[idx]] = TARGET
+    with torch.no_grad():
+        got = model(**batch)
+        set_reference(iv, cats, 2, 4)
+        eager.set_attn_implementation({"text_config": "test_eager_formula"})
+        want = eager(**batch)
+    assert torch.equal(handle.categories.long(), cats) and (cats == TARGET).sum() > 4
+    torch.testing.assert_close(valid_logits(got, batch), valid_logits(want, batch), atol=1e-5, rtol=0)
+    handle.remove()

@@ -251,11 +251,15 @@ def test_boxes_match_processor_sub_images_and_global_image(family, size):
     assert full.tolist() == list(range(len(cells)))
 
 
-def test_boxes_without_image_splitting(family):
+@pytest.mark.parametrize("variant", ["no_splitting", "longest_edge_is_frame"])
+def test_boxes_single_frame(family, variant):
+    """One frame per image: splitting off, or splitting on with size longest_edge = the frame size."""
     from attn_mod.tiny import build_processor
 
     model, _, proc = twin_models(family)
-    ip = type(proc.image_processor)(**{**proc.image_processor.to_dict(), "do_image_splitting": False})
+    tile = proc.image_processor.max_image_size["longest_edge"]
+    change = {"do_image_splitting": False} if variant == "no_splitting" else {"size": {"longest_edge": tile}}
+    ip = type(proc.image_processor)(**{**proc.image_processor.to_dict(), **change})
     proc2 = build_processor(family, tokenizer=proc.tokenizer, image_processor=ip)
     geo = attn_mod.models.get_adapter(model).box_geometry(proc2, model.config)
     w, h = 130, 90
@@ -706,4 +710,27 @@ def test_target_boxes_intervention_matches_eager_formula(fam):
         want = eager(**batch)
     assert torch.equal(handle.categories.long(), cats) and (cats == TARGET).sum() > 4
     torch.testing.assert_close(valid_logits(got, batch), valid_logits(want, batch), atol=1e-5, rtol=0)
+    handle.remove()
+
+
+def test_box_geometry_refuses_a_processor_that_does_not_fit():
+    """Checked at set_target (before any forward), naming what does not match."""
+    from attn_mod.tiny import build_onevision_processor, build_processor
+
+    model, _, proc = twin_models("idefics3")
+    handle = attn_mod.patch(model, proc, backend="torch")
+    proc.image_seq_len = 16  # a processor of another checkpoint
+    with pytest.raises(ValueError, match="image_seq_len=16"):
+        handle.set_target(boxes=[[(0, 0, 5, 5)]], images=[(90, 130)])
+    handle.remove()
+    model, _, proc = twin_models("llava_onevision")
+    ip = type(proc.image_processor)(**{**proc.image_processor.to_dict(), "image_grid_pinpoints": [[56, 56], [56, 112]]})
+    handle = attn_mod.patch(model, build_onevision_processor(image_processor=ip), backend="torch")
+    with pytest.raises(ValueError, match="image_grid_pinpoints"):
+        handle.set_target(boxes=[[(0, 0, 5, 5)]], images=[(90, 130)])
+    handle.remove()
+    model.config.vision_feature_select_strategy = "default"
+    handle = attn_mod.patch(model, build_processor("llava_onevision"), backend="torch")
+    with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
+        handle.set_target(boxes=[[(0, 0, 5, 5)]], images=[(90, 130)])
     handle.remove()

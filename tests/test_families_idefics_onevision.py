@@ -734,3 +734,14 @@ def test_box_geometry_refuses_a_processor_that_does_not_fit():
     with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
         handle.set_target(boxes=[[(0, 0, 5, 5)]], images=[(90, 130)])
     handle.remove()
+
+
+@pytest.mark.parametrize("fam", ["idefics3", "llava_onevision"])
+def test_video_boxes_are_not_implemented(fam):
+    model, _, proc = twin_models(fam)
+    batch = (ov_inputs if fam == "llava_onevision" else inputs)(proc, QUESTIONS[:1], SIZES[:1])
+    handle = attn_mod.patch(model, proc, backend="torch")
+    handle.set_target(boxes=[[("video", 0, (0, 0, 5, 5))]], videos=[(90, 130)])
+    with pytest.raises(NotImplementedError, match="video boxes"), torch.no_grad():
+        model(**batch)
+    handle.remove()

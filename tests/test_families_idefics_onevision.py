@@ -503,7 +503,7 @@ def _ov_packed(model, proc, images, features_of):
         crops = enc["pixel_values"][0][:n] if not multi else enc["pixel_values"][0][k:k + 1]
         feats = features_of(crops)
         newline = torch.full((feats.shape[-1],), -1.0)
-        packed, lens = model.model.pack_image_features([feats], size[None], image_newline=newline,
+        packed, _ = model.model.pack_image_features([feats], size[None], image_newline=newline,
                                                        vision_aspect_ratio=model.config.vision_aspect_ratio)
         out.append(packed[0])
     return out
@@ -575,7 +575,7 @@ def test_onevision_anyres_max_resized_grid_matches_model(size):
         feats = [torch.zeros(P * P, 2)]  # base image: not interpolated, checked by the test above
         for k in range(crops.shape[0] - 1):
             oy, ox = (k // npw) * S, (k % npw) * S
-            feats.append(torch.stack([xs + ox, ys + oy], -1).reshape(-1, 2).double().float())
+            feats.append(torch.stack([xs + ox, ys + oy], -1).reshape(-1, 2))
         return torch.stack(feats)
 
     (packed,) = _ov_packed(model, proc, [random_image(w, h)], features_of)

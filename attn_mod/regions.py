@@ -562,12 +562,13 @@ def select_cells(cells: Sequence, box, image_size, *, convention: str = "pixel",
 
 
 def cells_target_mask(input_ids, image_token_id: int, image_cells: Sequence[Sequence], boxes, image_sizes, *,
-                      convention: str = "pixel", by: str = "overlap") -> torch.Tensor:
+                      convention: str = "pixel", by: str = "overlap", contiguous: bool = True) -> torch.Tensor:
     """(B, S) bool TARGET mask from per-image token cells (see above).
 
     image_cells[k]: the cells of the k-th image in processor order (sample by sample), one per
-    placeholder token of that image, whose placeholders must be contiguous. boxes / image_sizes as
-    in `target_token_mask` (image entries only).
+    placeholder token of that image, whose placeholders must be contiguous (with `contiguous=False`:
+    the image's next len(cells) placeholders of the sample, other tokens such as Idefics3's sub-image
+    markers between them). boxes / image_sizes as in `target_token_mask` (image entries only).
     """
     input_ids = _as_2d_long(input_ids, "input_ids")
     bsz = input_ids.shape[0]
@@ -589,7 +590,7 @@ def cells_target_mask(input_ids, image_token_id: int, image_cells: Sequence[Sequ
                                  f"{len(image_cells)} images were given; pass every image of the batch, in order")
             need = len(image_cells[k])
             p = pos[used:used + need]
-            if p.numel() != need or int(p[-1] - p[0]) != need - 1:
+            if p.numel() != need or (contiguous and int(p[-1] - p[0]) != need - 1):
                 raise ValueError(f"image {k} needs {need} contiguous placeholder tokens in sample {b}; the "
                                  "placeholders do not match the images (wrong image sizes or processor?)")
             spans[(b, j)] = (k, p)

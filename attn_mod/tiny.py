@@ -64,7 +64,7 @@ _CORPUS = [
     "the a of to in is on at left right top bottom chart plot value number count",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "mllama")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "mllama", "idefics3", "smolvlm", "llava_onevision")
 
 
 def _train_bpe(corpus, special_tokens, vocab_size: int, pre_tokenizer=None):
@@ -90,6 +90,10 @@ def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_cor
         return build_internvl_tokenizer(vocab_size)
     if family == "mllama":
         return build_mllama_tokenizer(vocab_size)
+    if family in IDEFICS3_TINY:
+        return build_idefics3_tokenizer(family, vocab_size)
+    if family == "llava_onevision":
+        return build_onevision_tokenizer(vocab_size)
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_bpe(_CORPUS + list(extra_corpus), SPECIAL_TOKENS, vocab_size)
@@ -131,6 +135,10 @@ def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=
         return build_internvl_processor(tokenizer, image_processor)
     if family == "mllama":
         return build_mllama_processor(tokenizer, image_processor)
+    if family in IDEFICS3_TINY:
+        return build_idefics3_processor(family, tokenizer, image_processor)
+    if family == "llava_onevision":
+        return build_onevision_processor(tokenizer, image_processor)
     from transformers import Qwen2VLImageProcessorPil
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family, **tokenizer_kwargs)
@@ -156,6 +164,10 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         return internvl_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     if family == "mllama":
         return mllama_config(tokenizer, hidden=hidden, heads=heads, kv_heads=kv_heads)
+    if family in IDEFICS3_TINY:
+        return idefics3_config(family, tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
+    if family == "llava_onevision":
+        return onevision_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
     half = head_dim // 2
@@ -210,6 +222,12 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         from transformers import InternVLForConditionalGeneration as Model
     elif family == "mllama":
         from transformers import MllamaForConditionalGeneration as Model
+    elif family in ("idefics3", "smolvlm"):
+        from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
+
+        Model = Idefics3ForConditionalGeneration if family == "idefics3" else SmolVLMForConditionalGeneration
+    elif family == "llava_onevision":
+        from transformers import LlavaOnevisionForConditionalGeneration as Model
     else:
         from transformers import Qwen3VLForConditionalGeneration as Model
     torch.manual_seed(seed)
@@ -218,10 +236,11 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
     # tests of reweighting see real differences.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
+            text = "language_model" in name or "text_model" in name
+            if text and ("q_proj.weight" in name or "k_proj.weight" in name):
                 p.mul_(qk_scale)
-    if family in ("llava", "internvl", "mllama"):  # random vision tower too: sharpen its attention so images differ
-        with torch.no_grad():
+    if family in ("llava", "internvl", "mllama", "idefics3", "smolvlm", "llava_onevision"):
+        with torch.no_grad():  # the tiny vision tower is random too: sharpen its attention so images differ
             for name, p in model.named_parameters():
                 vision = "vision_tower" in name or "vision_model" in name
                 if vision and ("q_proj.weight" in name or "k_proj.weight" in name):
@@ -250,7 +269,7 @@ def save_checkpoint(model, processor, path: str | Path, family: str = "qwen2_5_v
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
-    if family == "llava":  # LlavaProcessor saves (patch_size, feature strategy); others lack a video processor
+    if family in ("llava", "idefics3"):  # their processors save patch_size, image_seq_len...; others lack a video processor
         processor.save_pretrained(path)
     (path / "attn_mod_tiny.json").write_text(json.dumps({"family": family}))
     return path
@@ -261,12 +280,12 @@ def load_tiny_processor(path: str | Path, family: str):
     from transformers import AutoTokenizer, CLIPImageProcessorPil, Qwen2VLImageProcessorPil
 
     tok = AutoTokenizer.from_pretrained(path)
-    from transformers import GotOcr2ImageProcessorPil
+    from transformers import (GotOcr2ImageProcessorPil, Idefics3ImageProcessorPil, LlavaOnevisionImageProcessorPil,
+                              MllamaImageProcessorPil, SmolVLMImageProcessorPil)
 
-    from transformers import MllamaImageProcessorPil
-
-    cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil,
-           "mllama": MllamaImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
+    cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil, "mllama": MllamaImageProcessorPil,
+           "idefics3": Idefics3ImageProcessorPil, "smolvlm": SmolVLMImageProcessorPil,
+           "llava_onevision": LlavaOnevisionImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
     ip = cls.from_pretrained(path)
     return build_processor(family, tokenizer=tok, image_processor=ip)
 
@@ -453,3 +472,167 @@ def mllama_config(tokenizer, *, hidden: int = 64, heads: int = 4, kv_heads: int 
                   vision_output_dim=64, image_size=tile, patch_size=patch, max_num_tiles=max_tiles,
                   intermediate_layers_indices=[0])
     return MllamaConfig(text_config=text, vision_config=vision, image_token_index=ids["<|image|>"])
+# ------------------------------------------------------------------------------------ Idefics3 / SmolVLM
+IDEFICS3_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>",
+                         *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
+# Idefics3-8B-Llama3's template ("User:<image>...<end_of_utterance>\nAssistant:"), with string content allowed
+# as SmolVLM's processor default template does. SmolVLM's released template is the same after "<|im_start|>".
+_IDEFICS3_TURNS = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+IDEFICS3_TEMPLATE = "<|begin_of_text|>" + _IDEFICS3_TURNS
+SMOLVLM_TEMPLATE = "<|im_start|>" + _IDEFICS3_TURNS
+_IDEFICS3_CORPUS = _CORPUS + ["System: User: Assistant: System User Assistant"]
+# (vision image_size = max_image_size, patch, scale_factor, longest_edge): 84 px sub-images of 6x6 patches,
+# shuffled 2x2 -> 9 tokens (Idefics3: 364 px, 26x26 -> 169); SmolVLM 96 px, 6x6 shuffled 3x3 -> 4 tokens
+# (SmolVLM: 512 px, 32x32 shuffled 4x4 -> 64).
+IDEFICS3_TINY = {"idefics3": (84, 14, 2, 168), "smolvlm": (96, 16, 3, 288)}
+
+
+def build_idefics3_tokenizer(family: str = "idefics3", vocab_size: int = 400):
+    """Byte-level BPE with Idefics3's image tokens (`<fake_token_around_image>`, `<image>`, `<global-img>`,
+    `<row_i_col_j>`), `<end_of_utterance>` and the family's template (Idefics3: `<|begin_of_text|>` BOS;
+    SmolVLM: `<|im_start|>` as its template's first token)."""
+    from transformers import PreTrainedTokenizerFast
+
+    first = "<|begin_of_text|>" if family == "idefics3" else "<|im_start|>"
+    special = ["<pad>", first, "<end_of_utterance>", *IDEFICS3_IMAGE_TOKENS]
+    tok = _train_bpe(_IDEFICS3_CORPUS, special, vocab_size)
+    extra = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+             "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", pad_token="<pad>",
+                                   bos_token=first, eos_token="<end_of_utterance>",
+                                   chat_template=IDEFICS3_TEMPLATE if family == "idefics3" else SMOLVLM_TEMPLATE,
+                                   extra_special_tokens=extra if family == "smolvlm" else {})
+
+
+def build_idefics3_processor(family: str = "idefics3", tokenizer=None, image_processor=None):
+    """transformers' Idefics3Processor / SmolVLMProcessor (no video processor: it needs torchvision) around the
+    offline tokenizer and the PIL image processor (image splitting on, sizes of `IDEFICS3_TINY`)."""
+    tile, patch, scale, longest = IDEFICS3_TINY[family]
+    tokenizer = tokenizer if tokenizer is not None else build_idefics3_tokenizer(family)
+    seq = (tile // patch) ** 2 // scale**2
+    if family == "idefics3":
+        from transformers import Idefics3ImageProcessorPil as IP
+        from transformers import Idefics3Processor
+
+        image_processor = image_processor or IP(size={"longest_edge": longest}, max_image_size={"longest_edge": tile})
+        return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq,
+                                 chat_template=tokenizer.chat_template)
+    from transformers import SmolVLMImageProcessorPil as IP
+    from transformers import SmolVLMProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class _NoVideoSmolVLMProcessor(SmolVLMProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):  # noqa: D102
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def apply_chat_template(self, conversation, chat_template=None, **kwargs):  # noqa: D102
+            # SmolVLMProcessor's override only adds the video processor's frame defaults
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    image_processor = image_processor or IP(size={"longest_edge": longest}, max_image_size={"longest_edge": tile})
+    # SmolVLMProcessor refuses to start without `num2words`, which only its video prompts use (frame counts in
+    # words); without a video processor no video prompt is ever built, so a stand-in that refuses is enough.
+    import transformers.models.smolvlm.processing_smolvlm as smolvlm_processing
+
+    def _no_num2words(n):
+        raise NotImplementedError("SmolVLM video prompts need the num2words package (not installed)")
+
+    saved = smolvlm_processing.num2words
+    smolvlm_processing.num2words = saved or _no_num2words
+    try:
+        return _NoVideoSmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                        image_seq_len=seq, chat_template=tokenizer.chat_template)
+    finally:
+        smolvlm_processing.num2words = saved
+
+
+def idefics3_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """Idefics3Config / SmolVLMConfig: tiny Llama text model + tiny SigLIP-style vision tower + pixel shuffle."""
+    from transformers import Idefics3Config, SmolVLMConfig
+
+    tile, patch, scale, _ = IDEFICS3_TINY[family]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<end_of_utterance>", "<image>")}
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<pad>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=tile, patch_size=patch)
+    cls = Idefics3Config if family == "idefics3" else SmolVLMConfig
+    return cls(text_config=text, vision_config=vision, image_token_id=ids["<image>"], scale_factor=scale,
+               pad_token_id=ids["<pad>"])
+
+
+# ------------------------------------------------------------------------------------ LLaVA-OneVision
+ONEVISION_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+# llava-hf/llava-onevision-qwen2-*-hf's template: "<|im_start|>{role} " then the images, then "\n" + text.
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{ '<|im_end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# 56-px crops of 4x4 SigLIP patches (OneVision: 384 px, 27x27 = 729), anyres grids up to 3x3 crops.
+ONEVISION_CROP, ONEVISION_PATCH = 56, 14
+ONEVISION_PINPOINTS = [[56 * r, 56 * c] for r in (1, 2, 3) for c in (1, 2, 3)]
+
+
+def build_onevision_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE with ChatML markers, `<image>` / `<video>` and LLaVA-OneVision's template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(_CORPUS, ONEVISION_SPECIAL, vocab_size)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=ONEVISION_TEMPLATE, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", padding_side="left")
+
+
+def build_onevision_processor(tokenizer=None, image_processor=None, *, vision_aspect_ratio: str = "anyres_max_9"):
+    """transformers' LlavaOnevisionProcessor (no video processor: it needs torchvision) around the offline
+    tokenizer and the PIL image processor (anyres pinpoints `ONEVISION_PINPOINTS`, 56-px crops)."""
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+
+    class _NoVideoOnevisionProcessor(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):  # noqa: D102
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = tokenizer if tokenizer is not None else build_onevision_tokenizer()
+    if image_processor is None:
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": ONEVISION_CROP, "width": ONEVISION_CROP},
+                                                          image_grid_pinpoints=ONEVISION_PINPOINTS)
+    side = image_processor.size["height"] // ONEVISION_PATCH
+    return _NoVideoOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                      num_image_tokens=side * side, vision_feature_select_strategy="full",
+                                      vision_aspect_ratio=vision_aspect_ratio, chat_template=tokenizer.chat_template)
+
+
+def onevision_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                     vision_aspect_ratio: str = "anyres_max_9"):
+    """LlavaOnevisionConfig: tiny Qwen2 text model + tiny SigLIP tower (56 px, patch 14, no CLS: strategy "full")."""
+    from transformers import LlavaOnevisionConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ONEVISION_SPECIAL}
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=ONEVISION_CROP, patch_size=ONEVISION_PATCH, vision_use_head=False)
+    return LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                                video_token_index=ids["<video>"], vision_feature_select_strategy="full",
+                                vision_feature_layer=-1, image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                vision_aspect_ratio=vision_aspect_ratio)

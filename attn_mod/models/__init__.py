@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from .base import ChatMLAdapter, FamilyAdapter
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .mllama import MllamaAdapter
 from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
 ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter(),
-                                      MllamaAdapter())
+                                       MllamaAdapter(), Idefics3Adapter(), SmolVLMAdapter(), LlavaOnevisionAdapter())
 SUPPORTED_FAMILIES = tuple(a.name for a in ADAPTERS)
 
 

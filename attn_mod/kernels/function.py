@@ -53,10 +53,14 @@ def category_attention(
     head_enable: torch.Tensor | None = None,
     return_mass: bool = False,
     backend: str = "auto",
+    block: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> AttentionOutput:
-    """Dispatch to a backend. Every backend computes the operator of `reference.py`."""
+    """Dispatch to a backend. Every backend computes the operator of `reference.py` (block ids and sliding window:
+    `spec.py`)."""
     name = resolve_backend(backend, q.device)
-    kwargs = dict(scale=scale, causal=causal, row_enable=row_enable, head_enable=head_enable, return_mass=return_mass)
+    kwargs = dict(scale=scale, causal=causal, row_enable=row_enable, head_enable=head_enable, return_mass=return_mass,
+                  block=block, window=window)
     if name == "torch":
         return category_attention_reference(q, k, v, cat, transform, **kwargs)
     if name == "triton":
@@ -120,6 +124,8 @@ def triton_category_attention(
     row_enable: torch.Tensor | None = None,
     head_enable: torch.Tensor | None = None,
     return_mass: bool = False,
+    block: torch.Tensor | None = None,
+    window: int | None = None,
     _blocks: dict | None = None,
 ) -> AttentionOutput:
     """The operator on the Triton kernels (same contract as `category_attention_reference`).
@@ -131,7 +137,9 @@ def triton_category_attention(
     Few query rows (Q <= triton_decode.DECODE_MAX_Q) run the split-K decode forward with GQA heads packed.
     `_blocks` ({"block_m", "block_n", "mass_path", "decode", "n_split"}) pins tiles, the mass path (0 per tile,
     2 always the one-hot dot), the decode path (True / False / None = auto) and its split count (tests only)."""
-    check_inputs(q, k, v, cat, row_enable, head_enable)
+    check_inputs(q, k, v, cat, row_enable, head_enable, block, window)
+    if block is not None or window is not None:
+        raise NotImplementedError("block ids / sliding window are not in the Triton kernels yet; use backend='torch'")
     from .triton_common import check_triton_device, kernel_operands
 
     check_triton_device(q)

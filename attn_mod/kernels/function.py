@@ -93,7 +93,7 @@ class TritonCategoryAttention(torch.autograd.Function):
             out, lse, mass = attention_forward(q, k, v, ops, scale=scale, causal=causal, return_mass=return_mass,
                                                **tiles)
         ctx.save_for_backward(q, k, v, out, lse, mass, *ops.tensors())
-        ctx.ops = ops.with_tensors((None,) * 6)  # the kind flags; tensors come back through saved_tensors
+        ctx.ops = ops.with_tensors((None,) * 7)  # the kind flags; tensors come back through saved_tensors
         ctx.flags = dict(scale=scale, causal=causal, **tiles)
         ctx.set_materialize_grads(False)
         return out, lse, mass
@@ -138,8 +138,6 @@ def triton_category_attention(
     `_blocks` ({"block_m", "block_n", "mass_path", "decode", "n_split"}) pins tiles, the mass path (0 per tile,
     2 always the one-hot dot), the decode path (True / False / None = auto) and its split count (tests only)."""
     check_inputs(q, k, v, cat, row_enable, head_enable, block, window)
-    if block is not None or window is not None:
-        raise NotImplementedError("block ids / sliding window are not in the Triton kernels yet; use backend='torch'")
     from .triton_common import check_triton_device, kernel_operands
 
     check_triton_device(q)
@@ -160,7 +158,7 @@ def triton_category_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = default_scale(D) if scale is None else float(scale)
     ops = kernel_operands(transform, cat, row_enable, head_enable, scale=scale, Q=Q, Hq=Hq,
-                          need_codes=bool(return_mass))
+                          need_codes=bool(return_mass), block=block, window=window)
     out, lse, mass = TritonCategoryAttention.apply(q, k, v, ops, scale, bool(causal), bool(return_mass),
                                                    dict(_blocks or {}))
     return AttentionOutput(out, lse, mass)

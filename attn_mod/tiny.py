@@ -64,7 +64,7 @@ _CORPUS = [
     "the a of to in is on at left right top bottom chart plot value number count",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "gemma3")
 
 
 def _train_bpe(corpus, special_tokens, vocab_size: int):
@@ -87,6 +87,8 @@ def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_cor
         return build_llava_tokenizer(vocab_size)
     if family == "internvl":
         return build_internvl_tokenizer(vocab_size)
+    if family == "gemma3":
+        return build_gemma3_tokenizer(vocab_size)
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_bpe(_CORPUS + list(extra_corpus), SPECIAL_TOKENS, vocab_size)
@@ -126,6 +128,8 @@ def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=
         return build_llava_processor(tokenizer, image_processor)
     if family == "internvl":
         return build_internvl_processor(tokenizer, image_processor)
+    if family == "gemma3":
+        return build_gemma3_processor(tokenizer, image_processor)
     from transformers import Qwen2VLImageProcessorPil
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family, **tokenizer_kwargs)
@@ -149,6 +153,8 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         return llava_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     if family == "internvl":
         return internvl_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
+    if family == "gemma3":
+        return gemma3_config(tokenizer, hidden=hidden, layers=max(layers, 4), heads=heads, kv_heads=kv_heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
     half = head_dim // 2
@@ -201,6 +207,8 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         from transformers import LlavaForConditionalGeneration as Model
     elif family == "internvl":
         from transformers import InternVLForConditionalGeneration as Model
+    elif family == "gemma3":
+        from transformers import Gemma3ForConditionalGeneration as Model
     else:
         from transformers import Qwen3VLForConditionalGeneration as Model
     torch.manual_seed(seed)
@@ -211,7 +219,7 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         for name, p in model.named_parameters():
             if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
                 p.mul_(qk_scale)
-    if family in ("llava", "internvl"):  # the tiny vision tower is random too: sharpen its attention so images differ
+    if family in ("llava", "internvl", "gemma3"):  # the tiny vision tower is random too: sharpen its attention so images differ
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "vision_tower" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
@@ -246,7 +254,10 @@ def load_tiny_processor(path: str | Path, family: str):
     tok = AutoTokenizer.from_pretrained(path)
     from transformers import GotOcr2ImageProcessorPil
 
-    cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
+    from transformers import Gemma3ImageProcessorPil
+
+    cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil,
+           "gemma3": Gemma3ImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
     ip = cls.from_pretrained(path)
     return build_processor(family, tokenizer=tok, image_processor=ip)
 
@@ -370,3 +381,74 @@ def internvl_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int 
     return InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"],
                           image_seq_length=(tile // 28) ** 2, downsample_ratio=0.5, vision_feature_layer=-1,
                           vision_feature_select_strategy="default")
+
+
+# ------------------------------------------------------------------------------------------------ Gemma3
+GEMMA3_SPECIAL = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+GEMMA3_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *GEMMA3_SPECIAL.values()]
+# Gemma3's released chat template (google/gemma-3-*-it): no system role; a system message becomes a prefix
+# "{system}\n\n" of the first user turn. Assistant turns are "model" turns.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- else -%}{{ raise_exception(\"Invalid content type\") }}"
+    "{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}"
+    "{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+_GEMMA3_CORPUS = _CORPUS + ["user model", "\n\n"]
+
+
+def build_gemma3_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE with Gemma3's <bos>/<eos>/<start_of_turn>/<end_of_turn>, image tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(_GEMMA3_CORPUS, GEMMA3_SPECIAL_TOKENS, vocab_size)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=GEMMA3_TEMPLATE, bos_token="<bos>",
+                                   eos_token="<end_of_turn>", pad_token="<pad>", padding_side="left",
+                                   extra_special_tokens=dict(GEMMA3_SPECIAL))
+
+
+def build_gemma3_processor(tokenizer=None, image_processor=None, *, image_size: int = 112, tokens_per_side: int = 4):
+    """transformers' Gemma3Processor around the offline tokenizer and the PIL Gemma3 image processor (square resize,
+    pan & scan off): `tokens_per_side`^2 image tokens per image (16 here; 256 = 16 x 16 in Gemma3)."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    tokenizer = tokenizer if tokenizer is not None else build_gemma3_tokenizer()
+    if image_processor is None:
+        image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                  do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                           image_seq_length=tokens_per_side ** 2)
+
+
+def gemma3_config(tokenizer, *, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                  sliding_window: int = 8, image_size: int = 112, patch: int = 14, tokens_per_side: int = 4):
+    """Gemma3Config: tiny Gemma3 text model whose layers alternate sliding (window `sliding_window`, smaller than a
+    prompt so it matters) and global attention, + tiny SigLIP tower ((image_size/patch)^2 patches average-pooled to
+    tokens_per_side^2 image tokens)."""
+    from transformers import Gemma3Config
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                query_pre_attn_scalar=head_dim, sliding_window=sliding_window, max_position_embeddings=4096,
+                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                rms_norm_eps=1e-6, bos_token_id=ids["<bos>"], eos_token_id=ids["<end_of_turn>"],
+                pad_token_id=ids["<pad>"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=image_size, patch_size=patch)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_side ** 2,
+                        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                        image_token_index=ids["<image_soft_token>"])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from .base import ChatMLAdapter, FamilyAdapter
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter())
+ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter(),
+                                       Gemma3Adapter())
 SUPPORTED_FAMILIES = tuple(a.name for a in ADAPTERS)
 
 

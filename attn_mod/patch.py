@@ -222,6 +222,10 @@ class PatchState:
                 if rec._wants(layer):
                     rec._record(layer, res.mass)
         if self.taps and not recomputing:
+            if offset:
+                raise NotImplementedError(f"per-key attention rows (record_rows) of sliding-window layer {layer} "
+                                          "once its cache holds only the last window of slots (decode past the "
+                                          "window) are not supported; record prefill rows, or full-attention layers")
             for tap in self.taps:
                 tap(layer, q, k, cats, transform=transform, scale=scaling, causal=causal, row_enable=row_enable,
                     head_enable=head_enable, **({} if blocks is None and window is None else

@@ -507,17 +507,18 @@ def test_readme_supported_models_table_cites_existing_tests():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
-    files = {"F": "test_families.py", "P": "test_patch_models.py", "M": "test_metrics.py"}
+    files = {"F": "test_families.py", "P": "test_patch_models.py", "M": "test_metrics.py",
+             "G": "test_families_gemma3.py"}
     defined = {k: {n.name for n in ast.walk(ast.parse((root / "tests" / f).read_text()))
                    if isinstance(n, ast.FunctionDef)} for k, f in files.items()}
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| family")]
-    cited = re.findall(r"\b([FPM])::(\w+)", section)
+    cited = re.findall(r"\b([FPMG])::(\w+)", section)
     assert len(cited) >= 25
     for key, name in cited:
         assert name in defined[key], f"README cites {files[key]}::{name}, which does not exist"
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 6 and all(re.search(r"[FPM]::\w+", c) or c.startswith("not yet") for c in cells[1:]), row
+        assert len(cells) == 6 and all(re.search(r"[FPMG]::\w+", c) or c.startswith("not yet") for c in cells[1:]), row
     for fam in attn_mod.models.SUPPORTED_FAMILIES:
         assert f"(`{fam}`)" in section, f"README's Supported models table has no row for {fam}"
 

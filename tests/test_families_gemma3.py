@@ -364,3 +364,30 @@ def test_pan_and_scan_geometry_is_refused(tiny):
                                                                         do_pan_and_scan=True))
     with pytest.raises(NotImplementedError, match="pan & scan"):
         attn_mod.models.get_adapter(model).box_geometry(pas, model.config)
+
+
+# ------------------------------------------------------------------------------------ per-key rows
+def test_record_rows_sum_to_masses_with_blocks_and_window(tiny):
+    """Per-key rows (attention_rows) of a prefill go through the same block / window rule: summed by category they
+    equal the captured masses, on a sliding and a global layer; an image row sees later keys of its image."""
+    from attn_mod.attention_rows import record_rows
+
+    model, _, proc = tiny
+    batch = gemma3_inputs(proc, QUESTIONS[:1], SIZES[:1])
+    with attn_mod.patch(model, proc, backend="torch", system_text=SYS), torch.no_grad(), \
+            attn_mod.capture(model) as rec, record_rows(model, layers=[0, 1], rows="all", heads="all") as rows:
+        model(**batch)
+        cats = rec.categories.long()
+        for layer in (0, 1):
+            p = rows.rows(layer)  # (1, H, Q, K)
+            per_cat = torch.einsum("bhqk,bkc->bhqc", p, onehot(cats))
+            torch.testing.assert_close(per_cat, rec.mass(layer), atol=1e-5, rtol=0)
+        first_img = int((batch["token_type_ids"][0] == 1).nonzero()[0])
+        assert rows.rows(1)[0, :, first_img, first_img + 1:].sum() > 0  # bidirectional inside the image
+        window = model.config.text_config.sliding_window
+        last = cats.shape[1] - 1
+        assert rows.rows(0)[0, :, last, : last - window + 1].abs().max() == 0  # outside the window
+        assert rows.rows(1)[0, :, last, : last - window + 1].sum() > 0  # the global layer sees them
+    with attn_mod.patch(model, proc, backend="torch"), record_rows(model, layers=[0], rows="last"):
+        with pytest.raises(NotImplementedError, match="sliding-window layer"):
+            model.generate(**batch, max_new_tokens=2, do_sample=False)

@@ -241,8 +241,8 @@ def save_checkpoint(model, processor, path: str | Path, family: str = "qwen2_5_v
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
-    if family == "llava":  # LlavaProcessor saves (patch_size, feature strategy); others lack a video processor
-        processor.save_pretrained(path)
+    if family in ("llava", "gemma3"):  # their processors save (patch_size, feature strategy / image_seq_length);
+        processor.save_pretrained(path)  # the others lack a video processor
     (path / "attn_mod_tiny.json").write_text(json.dumps({"family": family}))
     return path
 

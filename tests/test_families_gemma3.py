@@ -391,3 +391,18 @@ def test_record_rows_sum_to_masses_with_blocks_and_window(tiny):
     with attn_mod.patch(model, proc, backend="torch"), record_rows(model, layers=[0], rows="last"):
         with pytest.raises(NotImplementedError, match="sliding-window layer"):
             model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+def test_save_and_load_tiny_round_trip(tmp_path):
+    """A saved tiny Gemma3 loads by path (attn_mod.loading) with a working processor, and patches."""
+    from attn_mod.loading import load_model
+    from attn_mod.tiny import build_tiny, save_tiny
+
+    save_tiny("gemma3", tmp_path)
+    model, proc = load_model(tmp_path)
+    ref, ref_proc = build_tiny("gemma3")
+    batch = gemma3_inputs(proc, QUESTIONS[:1], SIZES[:1])
+    assert torch.equal(batch["input_ids"], gemma3_inputs(ref_proc, QUESTIONS[:1], SIZES[:1])["input_ids"])
+    assert model.config.text_config.sliding_window == ref.config.text_config.sliding_window
+    with attn_mod.patch(model, proc, system_text=SYS), torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)

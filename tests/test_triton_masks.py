@@ -106,6 +106,7 @@ def test_block_table_first_and_last_index():
             assert tab[0, b, j] == i and tab[1, b, j] == min(same) and tab[2, b, j] == max(same)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_mask_kernels_compile_for_h100(causal):
     """The interpreter accepts code a GPU compiler rejects: compile the block + window variants of the forward,

@@ -248,6 +248,10 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise NotImplementedError(f"sliding_window={window!r} is not a window size attn-mod understands (an int >= 1)")
     state, layer = binding
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if window is not None and not causal:
+        raise NotImplementedError("bidirectional sliding-window layers (|q - k| < window, e.g. Gemma3 with "
+                                  "use_bidirectional_attention=True) are not supported: the operator's window limits "
+                                  "only keys behind the query")
     out = state.attend(layer, query, key, value, attention_mask, scaling, bool(causal), window)
     return out.transpose(1, 2).contiguous(), None
 

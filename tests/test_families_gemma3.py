@@ -421,3 +421,19 @@ def test_save_and_load_tiny_round_trip(tmp_path):
     assert model.config.text_config.sliding_window == ref.config.text_config.sliding_window
     with attn_mod.patch(model, proc, system_text=SYS), torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_bidirectional_sliding_layers_are_refused():
+    """use_bidirectional_attention=True gives symmetric windows (|q - k| < W), which the operator does not express."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    from attn_mod.tiny import build_gemma3_processor, gemma3_config
+
+    proc = build_gemma3_processor()
+    cfg = gemma3_config(proc.tokenizer)
+    cfg.text_config.use_bidirectional_attention = True
+    model = Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    batch = gemma3_inputs(proc, QUESTIONS[:1], SIZES[:1])
+    with attn_mod.patch(model, proc, backend="torch"), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="bidirectional sliding-window"):
+            model(**batch)

@@ -47,7 +47,8 @@ class RowRecording:
         self._forward_id = None
 
     # called by the patched attention ----------------------------------------------------------
-    def _tap(self, state, layer: int, q, k, cats, *, transform, scale, causal, row_enable, head_enable) -> None:
+    def _tap(self, state, layer: int, q, k, cats, *, transform, scale, causal, row_enable, head_enable, block=None,
+             window=None) -> None:
         if layer not in self._layer_set:
             return
         Q, K = q.shape[2], k.shape[2]
@@ -69,7 +70,7 @@ class RowRecording:
                 return
         with torch.no_grad():
             p = category_attention_rows(q, k, cats, transform, rows=idx, scale=scale, causal=causal,
-                                        row_enable=row_enable, head_enable=head_enable)
+                                        row_enable=row_enable, head_enable=head_enable, block=block, window=window)
         if self.heads == "mean":
             p = p.mean(dim=1, keepdim=True)
         self._runs[-1].setdefault(layer, []).append((idx + (K - Q), p.float().cpu()))

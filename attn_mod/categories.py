@@ -99,13 +99,18 @@ class RoleMarkers:
 @dataclass(frozen=True)
 class LabelOptions:
     """Labelling choices. `sink_category`: code given to the first non-pad token (the usual attention
-    sink) instead of its natural label; None keeps it (SYSTEM when a system turn opens the prompt)."""
+    sink) instead of its natural label; None keeps it (SYSTEM when a system turn opens the prompt).
+    `system_text`: the system prompt, for templates whose ids do not delimit it (Gemma3 merges it into the first
+    user turn; see attn_mod.models.gemma3); other families ignore it."""
 
     sink_category: int | None = None
+    system_text: str | None = None
 
     def __post_init__(self):
         if self.sink_category is not None and not 0 < self.sink_category < NUM_CATEGORIES:
             raise ValueError(f"sink_category must be None or a code in 1..{NUM_CATEGORIES - 1}")
+        if self.system_text is not None and not isinstance(self.system_text, str):
+            raise ValueError(f"system_text must be a string or None, got {type(self.system_text).__name__}")
 
 
 def _starts_with(ids: list[int], pos: int, header: tuple[int, ...]) -> bool:

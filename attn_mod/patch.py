@@ -87,6 +87,7 @@ class PatchState:
         self.num_heads = adapter.num_query_heads(model)
         self.backend = backend
         self.labels: torch.Tensor | None = None  # (B, K) int8: one category per KV slot
+        self.blocks: torch.Tensor | None = None  # (B, K) int32 bidirectional block ids per KV slot, or None
         self.prompt_end: torch.Tensor | None = None  # (B,)
         self.explicit: torch.Tensor | None = None
         self.target: torch.Tensor | BoxTarget | None = None
@@ -143,6 +144,8 @@ class PatchState:
                                     target_mask=target, options=self.options)
             self.labels = cats.to(torch.int8)
             self.prompt_end = prompt_end_index(self.labels)
+            blocks = self.adapter.block_ids(inputs)
+            self.blocks = None if blocks is None else blocks.to(device=self.labels.device, dtype=torch.int32)
             new_run = True
         else:
             if self.labels is None or self.labels.shape != (B, past):
@@ -153,6 +156,8 @@ class PatchState:
             if attention_mask is not None:
                 new[attention_mask[:, -S:].to(new.device) == 0] = PAD
             self.labels = torch.cat([self.labels, new], dim=1)
+            if self.blocks is not None:  # generated slots belong to no block
+                self.blocks = torch.cat([self.blocks, self.blocks.new_zeros(B, S)], dim=1)
             new_run = False
         if self.cross_layers:
             self.cross = self.adapter.cross_inputs(self.cross, inputs, past, target=self.target, config=self.config,
@@ -166,20 +171,30 @@ class PatchState:
         """Patch geometry for pixel boxes, from the processor (checked against the family)."""
         return self.adapter.box_geometry(self.processor, self.config)
 
-    def _labels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _labels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if device not in self._on_device:
-            self._on_device[device] = (self.labels.to(device), self.prompt_end.to(device))
+            self._on_device[device] = (self.labels.to(device), self.prompt_end.to(device),
+                                       None if self.blocks is None else self.blocks.to(device))
         return self._on_device[device]
 
     # -------------------------------------------------------------------------------- attention
-    def attend(self, layer: int, q, k, v, attention_mask, scaling, causal: bool) -> torch.Tensor:
-        """Category attention of one layer: (B, Hq, Q, D) -> (B, Hq, Q, D); records masses if asked."""
+    def attend(self, layer: int, q, k, v, attention_mask, scaling, causal: bool,
+               window: int | None = None) -> torch.Tensor:
+        """Category attention of one layer: (B, Hq, Q, D) -> (B, Hq, Q, D); records masses if asked.
+        window: the layer's sliding window (kernels/spec.py), None for full attention."""
         B, _, Q, _ = q.shape
         K = k.shape[2]
         if self.labels is None:
             raise RuntimeError("attn-mod has no token categories: the patched model's own forward must run "
                                "first (calling a submodule directly skips the labelling pre-hook)")
-        cats, prompt_end = self._labels_on(k.device)
+        cats, prompt_end, blocks = self._labels_on(k.device)
+        offset = 0  # slots before the first key this layer sees (a sliding-window cache keeps only the last ones)
+        if window is not None and cats.shape[0] == B and K < cats.shape[1]:
+            # every dropped slot lies outside the window of every query row (bottom-right alignment), so only the
+            # last K slots matter: their labels, blocks and absolute positions
+            offset = cats.shape[1] - K
+            cats = cats[:, offset:]
+            blocks = None if blocks is None else blocks[:, offset:]
         if cats.shape != (B, K):
             raise RuntimeError(f"attn-mod holds categories for {tuple(cats.shape)} (B, K) slots but layer {layer} "
                                f"sees B={B}, K={K}; labels must cover every KV slot (static caches and packed "
@@ -195,7 +210,7 @@ class PatchState:
                 self._transform_on[k.device] = (self.transform.to(k.device),
                                                 None if self.head_enable is None else self.head_enable.to(k.device))
             transform, head_enable = self._transform_on[k.device]
-            row_pos = torch.arange(K - Q, K, device=k.device)
+            row_pos = torch.arange(K - Q, K, device=k.device) + offset
             row_enable = self.intervention.row_enable(cats[:, K - Q:], row_pos, prompt_end)
         recomputing = _in_backward()
         if recomputing:  # gradient checkpointing: same ops as the original forward, nothing recorded
@@ -207,15 +222,21 @@ class PatchState:
             if want_mass:
                 self.mass_layers_last.add(layer)
         res = category_attention(q, k, v, cats, transform, scale=scaling, causal=causal, row_enable=row_enable,
-                                 head_enable=head_enable, return_mass=want_mass, backend=self.backend)
+                                 head_enable=head_enable, return_mass=want_mass, backend=self.backend,
+                                 block=blocks if causal else None, window=window)
         if want_mass and not recomputing:
             for rec in self.recorders:
                 if rec._wants(layer):
                     rec._record(layer, res.mass)
         if self.taps and not recomputing:
+            if offset:
+                raise NotImplementedError(f"per-key attention rows (record_rows) of sliding-window layer {layer} "
+                                          "once its cache holds only the last window of slots (decode past the "
+                                          "window) are not supported; record prefill rows, or full-attention layers")
             for tap in self.taps:
                 tap(layer, q, k, cats, transform=transform, scale=scaling, causal=causal, row_enable=row_enable,
-                    head_enable=head_enable)
+                    head_enable=head_enable, **({} if blocks is None and window is None else
+                                                dict(block=blocks if causal else None, window=window)))
         return res.out
 
     def attend_cross(self, layer: int, q, k, v, scaling) -> torch.Tensor:
@@ -269,13 +290,18 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                            "model patched by attn_mod.patch(); call attn_mod.patch(model, processor)")
     if dropout and module.training:
         raise NotImplementedError("attention dropout is not supported by attn-mod; set config.attention_dropout=0")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("sliding-window attention layers are not supported by attn-mod yet")
+    window = kwargs.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise NotImplementedError(f"sliding_window={window!r} is not a window size attn-mod understands (an int >= 1)")
     state, layer = binding
     if layer in state.cross_layers:
         return state.attend_cross(layer, query, key, value, scaling).transpose(1, 2).contiguous(), None
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-    out = state.attend(layer, query, key, value, attention_mask, scaling, bool(causal))
+    if window is not None and not causal:
+        raise NotImplementedError("bidirectional sliding-window layers (|q - k| < window, e.g. Gemma3 with "
+                                  "use_bidirectional_attention=True) are not supported: the operator's window limits "
+                                  "only keys behind the query")
+    out = state.attend(layer, query, key, value, attention_mask, scaling, bool(causal), window)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -463,7 +489,8 @@ def _pre_hook(state: PatchState):
 
 
 def patch(model: nn.Module, processor=None, *, intervention: Intervention | None = None, backend: str = "auto",
-          categories: str = "auto", sink_category: int | None = None) -> PatchHandle:
+          categories: str = "auto", sink_category: int | None = None,
+          system_text: str | None = None) -> PatchHandle:
     """Patch `model` (a loaded HF VLM) in place with category-aware attention; returns a `PatchHandle`.
 
     processor: the model's processor or tokenizer (chat-template role markers); not needed with
@@ -471,6 +498,8 @@ def patch(model: nn.Module, processor=None, *, intervention: Intervention | None
     intervention: an `Intervention` (default identity: attention unchanged, masses available to `capture`).
     backend: "auto" | "torch" | "triton" | "flex" (see `attn_mod.kernels.function`).
     sink_category: code for the first non-pad token (the attention sink) instead of its natural label.
+    system_text: the system prompt, for templates that merge it into a user turn (Gemma3: SYSTEM = its tokens,
+        found by token ids; `LabelOptions.system_text`).
     """
     if categories not in ("auto", "explicit"):
         raise ValueError(f"categories must be 'auto' or 'explicit', got {categories!r}")
@@ -480,7 +509,7 @@ def patch(model: nn.Module, processor=None, *, intervention: Intervention | None
     resolve_backend(backend, torch.device("cpu"))
     adapter = get_adapter(model, explicit=categories == "explicit")
     labeler = adapter.labeler(model, processor) if categories == "auto" else None
-    state = PatchState(model, adapter, labeler, LabelOptions(sink_category=sink_category),
+    state = PatchState(model, adapter, labeler, LabelOptions(sink_category=sink_category, system_text=system_text),
                        intervention or Intervention.identity(), backend, processor)
     _register()
     original = adapter.attn_implementation(model)

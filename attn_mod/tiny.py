@@ -64,7 +64,8 @@ _CORPUS = [
     "the a of to in is on at left right top bottom chart plot value number count",
 ]
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "mllama", "idefics3", "smolvlm", "llava_onevision")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "mllama", "idefics3", "smolvlm", "llava_onevision",
+            "gemma3")
 
 
 def _train_bpe(corpus, special_tokens, vocab_size: int, pre_tokenizer=None):
@@ -94,6 +95,8 @@ def build_tokenizer(family: str = "qwen2_5_vl", vocab_size: int = 400, extra_cor
         return build_idefics3_tokenizer(family, vocab_size)
     if family == "llava_onevision":
         return build_onevision_tokenizer(vocab_size)
+    if family == "gemma3":
+        return build_gemma3_tokenizer(vocab_size)
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_bpe(_CORPUS + list(extra_corpus), SPECIAL_TOKENS, vocab_size)
@@ -139,6 +142,8 @@ def build_processor(family: str = "qwen2_5_vl", tokenizer=None, image_processor=
         return build_idefics3_processor(family, tokenizer, image_processor)
     if family == "llava_onevision":
         return build_onevision_processor(tokenizer, image_processor)
+    if family == "gemma3":
+        return build_gemma3_processor(tokenizer, image_processor)
     from transformers import Qwen2VLImageProcessorPil
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family, **tokenizer_kwargs)
@@ -168,6 +173,8 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         return idefics3_config(family, tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
     if family == "llava_onevision":
         return onevision_config(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
+    if family == "gemma3":
+        return gemma3_config(tokenizer, hidden=hidden, layers=max(layers, 4), heads=heads, kv_heads=kv_heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
     half = head_dim // 2
@@ -228,6 +235,8 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
         Model = Idefics3ForConditionalGeneration if family == "idefics3" else SmolVLMForConditionalGeneration
     elif family == "llava_onevision":
         from transformers import LlavaOnevisionForConditionalGeneration as Model
+    elif family == "gemma3":
+        from transformers import Gemma3ForConditionalGeneration as Model
     else:
         from transformers import Qwen3VLForConditionalGeneration as Model
     torch.manual_seed(seed)
@@ -239,7 +248,7 @@ def build_tiny(family: str = "qwen2_5_vl", *, seed: int = 0, attn_implementation
             text = "language_model" in name or "text_model" in name
             if text and ("q_proj.weight" in name or "k_proj.weight" in name):
                 p.mul_(qk_scale)
-    if family in ("llava", "internvl", "mllama", "idefics3", "smolvlm", "llava_onevision"):
+    if family in ("llava", "internvl", "mllama", "idefics3", "smolvlm", "llava_onevision", "gemma3"):
         with torch.no_grad():  # the tiny vision tower is random too: sharpen its attention so images differ
             for name, p in model.named_parameters():
                 vision = "vision_tower" in name or "vision_model" in name
@@ -269,8 +278,8 @@ def save_checkpoint(model, processor, path: str | Path, family: str = "qwen2_5_v
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
-    if family in ("llava", "idefics3"):  # their processors save patch_size, image_seq_len...; others lack a video processor
-        processor.save_pretrained(path)
+    if family in ("llava", "idefics3", "gemma3"):  # their processors save patch_size, image_seq_len...; the
+        processor.save_pretrained(path)  # others lack a video processor
     (path / "attn_mod_tiny.json").write_text(json.dumps({"family": family}))
     return path
 
@@ -283,9 +292,12 @@ def load_tiny_processor(path: str | Path, family: str):
     from transformers import (GotOcr2ImageProcessorPil, Idefics3ImageProcessorPil, LlavaOnevisionImageProcessorPil,
                               MllamaImageProcessorPil, SmolVLMImageProcessorPil)
 
+    from transformers import Gemma3ImageProcessorPil
+
     cls = {"llava": CLIPImageProcessorPil, "internvl": GotOcr2ImageProcessorPil, "mllama": MllamaImageProcessorPil,
            "idefics3": Idefics3ImageProcessorPil, "smolvlm": SmolVLMImageProcessorPil,
-           "llava_onevision": LlavaOnevisionImageProcessorPil}.get(family, Qwen2VLImageProcessorPil)
+           "llava_onevision": LlavaOnevisionImageProcessorPil, "gemma3": Gemma3ImageProcessorPil,
+           }.get(family, Qwen2VLImageProcessorPil)
     ip = cls.from_pretrained(path)
     return build_processor(family, tokenizer=tok, image_processor=ip)
 
@@ -636,3 +648,72 @@ def onevision_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int
                                 video_token_index=ids["<video>"], vision_feature_select_strategy="full",
                                 vision_feature_layer=-1, image_grid_pinpoints=ONEVISION_PINPOINTS,
                                 vision_aspect_ratio=vision_aspect_ratio)
+# ------------------------------------------------------------------------------------------------ Gemma3
+GEMMA3_SPECIAL = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+GEMMA3_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *GEMMA3_SPECIAL.values()]
+# Gemma3's released chat template (google/gemma-3-*-it): no system role; a system message becomes a prefix
+# "{system}\n\n" of the first user turn. Assistant turns are "model" turns.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}{%- elif item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- else -%}{{ raise_exception(\"Invalid content type\") }}"
+    "{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}"
+    "{{'<start_of_turn>model\n'}}{%- endif -%}"
+)
+_GEMMA3_CORPUS = _CORPUS + ["user model", "\n\n"]
+
+
+def build_gemma3_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE with Gemma3's <bos>/<eos>/<start_of_turn>/<end_of_turn>, image tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(_GEMMA3_CORPUS, GEMMA3_SPECIAL_TOKENS, vocab_size)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=GEMMA3_TEMPLATE, bos_token="<bos>",
+                                   eos_token="<end_of_turn>", pad_token="<pad>", padding_side="left",
+                                   extra_special_tokens=dict(GEMMA3_SPECIAL))
+
+
+def build_gemma3_processor(tokenizer=None, image_processor=None, *, image_size: int = 112, tokens_per_side: int = 4):
+    """transformers' Gemma3Processor around the offline tokenizer and the PIL Gemma3 image processor (square resize,
+    pan & scan off): `tokens_per_side`^2 image tokens per image (16 here; 256 = 16 x 16 in Gemma3)."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    tokenizer = tokenizer if tokenizer is not None else build_gemma3_tokenizer()
+    if image_processor is None:
+        image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                  do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                           image_seq_length=tokens_per_side ** 2)
+
+
+def gemma3_config(tokenizer, *, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                  sliding_window: int = 8, image_size: int = 112, patch: int = 14, tokens_per_side: int = 4):
+    """Gemma3Config: tiny Gemma3 text model whose layers alternate sliding (window `sliding_window`, smaller than a
+    prompt so it matters) and global attention, + tiny SigLIP tower ((image_size/patch)^2 patches average-pooled to
+    tokens_per_side^2 image tokens)."""
+    from transformers import Gemma3Config
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                query_pre_attn_scalar=head_dim, sliding_window=sliding_window, max_position_embeddings=4096,
+                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                rms_norm_eps=1e-6, bos_token_id=ids["<bos>"], eos_token_id=ids["<end_of_turn>"],
+                pad_token_id=ids["<pad>"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=image_size, patch_size=patch)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_side ** 2,
+                        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                        image_token_index=ids["<image_soft_token>"])

@@ -159,10 +159,10 @@ def triton_decode_launch(q, k, ops, mass, mass_path):
     q1 = q[:, :, :1]
     ws = torch.empty(16, dtype=torch.float32)
     ddt = dot_dtype(q.dtype)
-    args = (q1, k, k, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, ws, ws, ws, D ** -0.5,
+    args = (q1, k, k, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, ops.blk, ws, ws, ws, D ** -0.5,
             *q1.stride(), *k.stride(), *k.stride(), ops.cat.stride(0), ops.kv.stride(0), ops.tc.stride(0),
             ops.tc.stride(1), Hkv, 2, K, 512, 8)  # Q_LEN placeholder 2 (1 would become a constexpr)
-    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), MASS_W=MASS_WIDTH, CAUSAL=True, MASK_CAUSAL=False,
+    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), MASS_W=MASS_WIDTH, CAUSAL=True, MASK_CAUSAL=0,
                 **ops.flags(), RETURN_MASS=mass, MASS_PATH=mass_path, DOT_DTYPE=ddt, MASS_DTYPE=mass_dtype(ddt),
                 DOT_PRECISION=dot_precision(ddt))
     return triton_decode._decode_split, args, meta

@@ -1,5 +1,9 @@
 """A naive float64 implementation of the DESIGN.md operator, written independently of attn_mod.kernels:
-explicit loops over batch, head and query row; no chunking, no GQA reshapes, no shared helpers."""
+explicit loops over batch, head and query row; no chunking, no GQA reshapes, no shared helpers.
+
+block (B, K) ids (0 = none) and window (int) follow DESIGN's visibility rule written out per key: query row i sits
+at key position p = K - Q + i; key j is hidden when PAD, when causal and j > p unless p >= 0 and block[j] ==
+block[p] != 0, and when window is set and p - j >= window."""
 
 import math
 
@@ -7,7 +11,7 @@ import torch
 
 
 def naive_attention(q, k, v, cat, mul, absw, add, w, renorm, *, scale, causal, row_enable=None,
-                    head_enable=None, num_categories=8):
+                    head_enable=None, num_categories=8, block=None, window=None):
     q, k, v = q.double(), k.double(), v.double()
     B, Hq, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
@@ -23,7 +27,12 @@ def naive_attention(q, k, v, cat, mul, absw, add, w, renorm, *, scale, causal, r
                 cols, scores = [], []
                 for j in range(K):
                     c = int(cat[b, j])
-                    if c == 0 or (causal and j > K - Q + i):
+                    p = K - Q + i
+                    same_block = block is not None and p >= 0 and int(block[b, j]) != 0 and \
+                        int(block[b, j]) == int(block[b, p])
+                    if c == 0 or (causal and j > p and not same_block):
+                        continue
+                    if window is not None and p - j >= window:
                         continue
                     s = scale * float(q[b, h, i] @ k[b, kh, j])
                     if on:

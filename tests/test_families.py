@@ -510,17 +510,18 @@ def test_readme_supported_models_table_cites_existing_tests():
     readme = (root / "README.md").read_text()
     section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
     files = {"F": "test_families.py", "P": "test_patch_models.py", "M": "test_metrics.py",
-             "ML": "test_families_mllama.py", "I": "test_families_idefics_onevision.py"}
+             "ML": "test_families_mllama.py", "I": "test_families_idefics_onevision.py",
+             "G": "test_families_gemma3.py"}
     defined = {k: {n.name for n in ast.walk(ast.parse((root / "tests" / f).read_text()))
                    if isinstance(n, ast.FunctionDef)} for k, f in files.items()}
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| family")]
-    cited = re.findall(r"\b(ML|[FPMI])::(\w+)", section)
+    cited = re.findall(r"\b(ML|[FPMIG])::(\w+)", section)
     assert len(cited) >= 25
     for key, name in cited:
         assert name in defined[key], f"README cites {files[key]}::{name}, which does not exist"
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        cited_or_not_yet = (re.search(r"\b(ML|[FPMI])::\w+", c) or c.startswith("not yet") for c in cells[1:])
+        cited_or_not_yet = (re.search(r"\b(ML|[FPMIG])::\w+", c) or c.startswith("not yet") for c in cells[1:])
         assert len(cells) == 6 and all(cited_or_not_yet), row
     for fam in attn_mod.models.SUPPORTED_FAMILIES:
         assert f"(`{fam}`)" in section, f"README's Supported models table has no row for {fam}"

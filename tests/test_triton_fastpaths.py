@@ -200,8 +200,12 @@ def test_operands_need_no_host_sync(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, boom)
     ops = triton_common.kernel_operands(tr, cat, row_en, head_en, scale=0.25, Q=7, Hq=3, need_codes=True)
     ops2 = triton_common.kernel_operands(tr, cat, None, None, scale=0.25, Q=7, Hq=3, need_codes=False)
+    ops3 = triton_common.kernel_operands(tr, cat, None, None, scale=0.25, Q=7, Hq=3, need_codes=False,
+                                         block=(cat.long() == 3).to(torch.int32), window=5)
     monkeypatch.undo()
-    assert ops.flags() == dict(TRANSFORM=True, ALL_EN=False, HAS_MUL=True, HAS_ABS=True, RAW_W=True)
+    assert ops.flags() == dict(TRANSFORM=True, ALL_EN=False, HAS_MUL=True, HAS_ABS=True, RAW_W=True, BLOCKS=False,
+                               WINDOW=0)
+    assert ops3.flags()["BLOCKS"] and ops3.flags()["WINDOW"] == 5 and ops3.blk.shape == (3, 2, 100)
     assert ops2.flags()["ALL_EN"] and ops.kv.shape == (triton_common.KV_ROWS, 2, 100)
     assert triton_common.key_table(tr, 0.25, "cpu") is triton_common.key_table(tr, 0.25, "cpu")  # cached
     want_bias = torch.where(cat.long() == 0, float("-inf"),

@@ -3,6 +3,7 @@
 Same contract as reference.py. How each part maps onto FlexAttention:
   transform        score_mod: t = mul[c]*s + absw[c]*|s| + add[c] on enabled (row, head), plus log w[c] for renorm
   PAD / causal     mask_mod -> block_mask (never a dense N x N mask); renorm keys with w = 0 are masked too,
+  block / window   in the same mask_mod: (causal or same nonzero block id) and p - j < window (spec.py)
                    so a row whose every visible key has w = 0 is empty (lse = -inf, out = 0), as in the reference
   LSE              flex's own log-sum-exp of the score_mod scores = the spec's LSE in both modes
   raw mode         out = Z * out_w, with out_w the attention under t + log w and Z = exp(lse_w - lse) = sum_j w_j P_ij
@@ -59,9 +60,11 @@ def flex_category_attention(
     row_enable: torch.Tensor | None = None,
     head_enable: torch.Tensor | None = None,
     return_mass: bool = False,
+    block: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> AttentionOutput:
-    """Category attention on FlexAttention; shapes and LSE convention of `spec.py`."""
-    check_inputs(q, k, v, cat, row_enable, head_enable)
+    """Category attention on FlexAttention; shapes, LSE convention, block ids and window of `spec.py`."""
+    check_inputs(q, k, v, cat, row_enable, head_enable, block, window)
     if q.device.type != "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise NotImplementedError(
             f"backend='flex' has no backward on {q.device.type}: FlexAttention in torch {torch.__version__} supports "
@@ -80,7 +83,8 @@ def flex_category_attention(
         from .reference import category_attention_reference
 
         return category_attention_reference(q, k, v, cat, transform, scale=scale, causal=causal,
-                                            row_enable=row_enable, head_enable=head_enable, return_mass=return_mass)
+                                            row_enable=row_enable, head_enable=head_enable, return_mass=return_mass,
+                                            block=block, window=window)
     cat = cat.to(device=dev, dtype=torch.long)
     if cat.min() < 0 or cat.max() >= NUM_CATEGORIES:
         raise ValueError(f"key categories must lie in 0..{NUM_CATEGORIES - 1}")
@@ -91,6 +95,11 @@ def flex_category_attention(
     mul, absw, add, w = tr.mul, tr.absw, tr.add, tr.w
     logw = torch.where(w > 0, torch.log(w.clamp_min(1e-30)), torch.zeros_like(w))  # w == 0 keys are masked
     offset = K - Q
+    if block is not None:
+        blk = block.to(device=dev, dtype=torch.long)
+        # the block id of each query row's own key position (0 for rows before the first key)
+        qpos = torch.arange(Q, device=dev) + offset
+        qblk = torch.where(qpos >= 0, blk[:, qpos.clamp(min=0)], torch.zeros((), dtype=torch.long, device=dev))
 
     def transformed(score, b, h, q_idx, kv_idx, with_logw):
         c = cat[b, kv_idx]
@@ -110,7 +119,13 @@ def flex_category_attention(
             c = cat[b, kv_idx]
             keep = c != 0
             if causal:
-                keep = keep & (kv_idx <= q_idx + offset)
+                seen = kv_idx <= q_idx + offset
+                if block is not None:
+                    qb = qblk[b, q_idx]
+                    seen = seen | ((blk[b, kv_idx] == qb) & (qb != 0))
+                keep = keep & seen
+            if window is not None:
+                keep = keep & (q_idx + offset - kv_idx < window)
             if only_cat is not None:
                 keep = keep & (c == only_cat)
             if transform_on and drop_zero_w:

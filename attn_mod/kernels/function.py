@@ -53,10 +53,14 @@ def category_attention(
     head_enable: torch.Tensor | None = None,
     return_mass: bool = False,
     backend: str = "auto",
+    block: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> AttentionOutput:
-    """Dispatch to a backend. Every backend computes the operator of `reference.py`."""
+    """Dispatch to a backend. Every backend computes the operator of `reference.py` (block ids and sliding window:
+    `spec.py`)."""
     name = resolve_backend(backend, q.device)
-    kwargs = dict(scale=scale, causal=causal, row_enable=row_enable, head_enable=head_enable, return_mass=return_mass)
+    kwargs = dict(scale=scale, causal=causal, row_enable=row_enable, head_enable=head_enable, return_mass=return_mass,
+                  block=block, window=window)
     if name == "torch":
         return category_attention_reference(q, k, v, cat, transform, **kwargs)
     if name == "triton":
@@ -89,7 +93,7 @@ class TritonCategoryAttention(torch.autograd.Function):
             out, lse, mass = attention_forward(q, k, v, ops, scale=scale, causal=causal, return_mass=return_mass,
                                                **tiles)
         ctx.save_for_backward(q, k, v, out, lse, mass, *ops.tensors())
-        ctx.ops = ops.with_tensors((None,) * 6)  # the kind flags; tensors come back through saved_tensors
+        ctx.ops = ops.with_tensors((None,) * 7)  # the kind flags; tensors come back through saved_tensors
         ctx.flags = dict(scale=scale, causal=causal, **tiles)
         ctx.set_materialize_grads(False)
         return out, lse, mass
@@ -120,6 +124,8 @@ def triton_category_attention(
     row_enable: torch.Tensor | None = None,
     head_enable: torch.Tensor | None = None,
     return_mass: bool = False,
+    block: torch.Tensor | None = None,
+    window: int | None = None,
     _blocks: dict | None = None,
 ) -> AttentionOutput:
     """The operator on the Triton kernels (same contract as `category_attention_reference`).
@@ -131,7 +137,7 @@ def triton_category_attention(
     Few query rows (Q <= triton_decode.DECODE_MAX_Q) run the split-K decode forward with GQA heads packed.
     `_blocks` ({"block_m", "block_n", "mass_path", "decode", "n_split"}) pins tiles, the mass path (0 per tile,
     2 always the one-hot dot), the decode path (True / False / None = auto) and its split count (tests only)."""
-    check_inputs(q, k, v, cat, row_enable, head_enable)
+    check_inputs(q, k, v, cat, row_enable, head_enable, block, window)
     from .triton_common import check_triton_device, kernel_operands
 
     check_triton_device(q)
@@ -152,7 +158,7 @@ def triton_category_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = default_scale(D) if scale is None else float(scale)
     ops = kernel_operands(transform, cat, row_enable, head_enable, scale=scale, Q=Q, Hq=Hq,
-                          need_codes=bool(return_mass))
+                          need_codes=bool(return_mass), block=block, window=window)
     out, lse, mass = TritonCategoryAttention.apply(q, k, v, ops, scale, bool(causal), bool(return_mass),
                                                    dict(_blocks or {}))
     return AttentionOutput(out, lse, mass)

@@ -10,8 +10,9 @@ For an enabled (row i, head h) and a visible key j of category c = cat[j]  (see 
     o_i   = sum_j P'_ij v_j
     mass_c(i) = sum_{j in c} P'_ij
 
-Disabled rows/heads use the identity transform. Visible = category != PAD and, when causal, key
-position j <= K - Q + i (bottom-right alignment). Rows with nothing visible give zeros.
+Disabled rows/heads use the identity transform. Visible (spec.py), with p_i = K - Q + i (bottom-right alignment):
+category != PAD, and when causal j <= p_i or (block[j] != 0 and block[j] == block[p_i]) (bidirectional blocks),
+and with a window p_i - j < window (sliding window). Rows with nothing visible give zeros.
 
 Differentiable by autograd (outputs, LSE and masses). Query rows are processed in chunks so inference
 memory is O(chunk * K), never O(Q * K); under autograd each chunk is checkpointed (recomputed in backward), so
@@ -44,9 +45,11 @@ class _Prepared(NamedTuple):
     renorm: bool
     scale: float
     cdtype: torch.dtype
+    block: torch.Tensor | None  # (B, K) long block ids (0 = none) or None
+    window: int | None
 
 
-def _prepare(q, k, cat, transform, scale, row_enable, head_enable) -> _Prepared:
+def _prepare(q, k, cat, transform, scale, row_enable, head_enable, block=None, window=None) -> _Prepared:
     B, Hq, Q, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -76,7 +79,7 @@ def _prepare(q, k, cat, transform, scale, row_enable, head_enable) -> _Prepared:
         enable = enable & head_enable.to(dev, torch.bool)[None, :, None]
     return _Prepared(q.reshape(B, Hkv, G, Q, D), k.to(cdtype), enable.view(B, Hkv, G, Q, 1),
                      (cat != 0)[:, None, None, None, :], (mul_k, absw_k, add_k, w_k, logw_k), transform.renorm,
-                     scale, cdtype)
+                     scale, cdtype, None if block is None else block.to(device=dev, dtype=torch.long), window)
 
 
 def _on_enabled(new, old, en, en_all):
@@ -101,10 +104,7 @@ def _row_pass(pre: _Prepared, rows, causal: bool) -> tuple[torch.Tensor, torch.T
         t = _on_enabled(t, s, en, en_all)
     if logw_k is not None:  # renorm: softmax(s' + log w)
         t = t + _on_enabled(logw_k, torch.zeros((), dtype=cdtype, device=dev), en, en_all)
-    visible = pre.key_visible
-    if causal:
-        row_pos = torch.arange(Q, device=dev)[rows] + (K - Q)
-        visible = visible & (torch.arange(K, device=dev)[None, :] <= row_pos[:, None])
+    visible = pre.key_visible & _position_visible(pre, rows, causal, Q, K)
     ex = t.masked_fill(~visible, float("-inf"))
     # Safe softmax / log-sum-exp: finite values and gradients even for rows with nothing visible.
     m = ex.amax(dim=-1, keepdim=True).detach()
@@ -120,6 +120,22 @@ def _row_pass(pre: _Prepared, rows, causal: bool) -> tuple[torch.Tensor, torch.T
     return p, lse
 
 
+def _position_visible(pre: _Prepared, rows, causal: bool, Q: int, K: int):
+    """(B or 1, 1, 1, r, K) bool: causal / block / window visibility of the keys from the rows `rows` (spec.py)."""
+    dev = pre.qg.device
+    row_pos = torch.arange(Q, device=dev)[rows] + (K - Q)  # (r,) key position of each row
+    keys = torch.arange(K, device=dev)
+    vis = torch.ones(1, row_pos.numel(), K, dtype=torch.bool, device=dev)
+    if causal:
+        vis = vis & (keys[None, :] <= row_pos[:, None])[None]
+        if pre.block is not None:
+            qblk = torch.where(row_pos >= 0, pre.block[:, row_pos.clamp(min=0)], 0)  # (B, r)
+            vis = vis | ((pre.block[:, None, :] == qblk[:, :, None]) & (qblk[:, :, None] != 0))
+    if pre.window is not None:
+        vis = vis & ((row_pos[:, None] - keys[None, :]) < pre.window)[None]
+    return vis[:, None, None]
+
+
 def category_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -133,9 +149,11 @@ def category_attention_reference(
     head_enable: torch.Tensor | None = None,
     return_mass: bool = False,
     chunk_size: int | None = None,
+    block: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> AttentionOutput:
-    """Category-transformed attention. Shapes and LSE convention: `attn_mod.kernels.spec`."""
-    check_inputs(q, k, v, cat, row_enable, head_enable)
+    """Category-transformed attention. Shapes, LSE convention, block ids and window: `attn_mod.kernels.spec`."""
+    check_inputs(q, k, v, cat, row_enable, head_enable, block, window)
     B, Hq, Q, D = q.shape
     K = k.shape[2]
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -143,7 +161,7 @@ def category_attention_reference(
     if Q == 0:
         mass = q.new_zeros(B, Hq, 0, NUM_CATEGORIES, dtype=cdtype) if return_mass else None
         return AttentionOutput(q.new_zeros(B, Hq, 0, D), q.new_zeros(B, Hq, 0, dtype=cdtype), mass)
-    pre = _prepare(q, k, cat, transform, scale, row_enable, head_enable)
+    pre = _prepare(q, k, cat, transform, scale, row_enable, head_enable, block, window)
     vc = v.to(cdtype)
     onehot = (torch.nn.functional.one_hot(cat.to(device=q.device, dtype=torch.long), NUM_CATEGORIES).to(cdtype)
               if return_mass else None)
@@ -186,6 +204,8 @@ def category_attention_rows(
     causal: bool = True,
     row_enable: torch.Tensor | None = None,
     head_enable: torch.Tensor | None = None,
+    block: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """P'_ij for the selected query rows: (B, Hq, R, K) fp32 (fp64 for fp64 q); zero on PAD / hidden keys.
 
@@ -193,7 +213,7 @@ def category_attention_rows(
     Q query rows (row i sits at key position K - Q + i when causal). Memory O(B * Hq * R * K). Summing
     a row over the keys of category c gives exactly that row's `mass[..., c]` of the operator.
     """
-    check_inputs(q, k, k, cat, row_enable, head_enable)
+    check_inputs(q, k, k, cat, row_enable, head_enable, block, window)
     B, Hq, Q, _ = q.shape
     K = k.shape[2]
     rows = torch.as_tensor(rows, dtype=torch.long, device=q.device).reshape(-1)
@@ -201,5 +221,5 @@ def category_attention_rows(
         raise ValueError(f"rows must index the {Q} query rows (0..{Q - 1}), got {rows.tolist()}")
     if Q == 0 or rows.numel() == 0:
         return q.new_zeros(B, Hq, rows.numel(), K, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    p, _ = _row_pass(_prepare(q, k, cat, transform, scale, row_enable, head_enable), rows, causal)
+    p, _ = _row_pass(_prepare(q, k, cat, transform, scale, row_enable, head_enable, block, window), rows, causal)
     return p.reshape(B, Hq, rows.numel(), K)

@@ -4,6 +4,14 @@
     cat (B, K) integer key categories in [0, NUM_CATEGORIES), 0 = PAD (never attended)
     transform: per-category tables mul / absw / add / w (NUM_CATEGORIES,) fp32 and a renorm flag
     row_enable (B, Q) bool, head_enable (Hq,) bool: where the transform applies (identity elsewhere)
+    block (B, K) integer block ids or None, window int >= 1 or None: the visibility extensions below
+
+Visibility of key j from query row i (which sits at key position p_i = K - Q + i, bottom-right aligned):
+    cat[j] != PAD
+    and (not causal or j <= p_i or (block[j] != 0 and block[j] == block[p_i]))   # bidirectional blocks
+    and (window is None or p_i - j < window)                                     # sliding window
+A query row with p_i < 0 belongs to no block. The window limits only keys behind the query; keys ahead are
+visible only through a shared block (Gemma3: AND(window, OR(causal, same image))). No N x N mask is ever built.
 
 Outputs (`AttentionOutput`): out (B, Hq, Q, D) in q's dtype, lse (B, Hq, Q) fp32, and with
 `return_mass` the per-category attention mass (B, Hq, Q, NUM_CATEGORIES) fp32.
@@ -138,7 +146,7 @@ def transform_kind(transform: CategoryTransform) -> TransformKind:
     return kind
 
 
-def check_inputs(q, k, v, cat, row_enable=None, head_enable=None) -> None:
+def check_inputs(q, k, v, cat, row_enable=None, head_enable=None, block=None, window=None) -> None:
     """Raise ValueError with the offending shapes when the inputs break the contract above."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -156,6 +164,20 @@ def check_inputs(q, k, v, cat, row_enable=None, head_enable=None) -> None:
         raise ValueError(f"row_enable must have shape (B, Q) = {(B, Q)}, got {tuple(row_enable.shape)}")
     if head_enable is not None and head_enable.shape != (Hq,):
         raise ValueError(f"head_enable must have shape (Hq,) = ({Hq},), got {tuple(head_enable.shape)}")
+    if block is not None:
+        if not isinstance(block, torch.Tensor) or block.shape != (B, K) or block.is_floating_point():
+            raise ValueError(f"block ids must be an integer tensor of shape (B, K) = {(B, K)} (0 = no block), got "
+                             f"{type(block).__name__} {tuple(getattr(block, 'shape', ()))}")
+    check_window(window)
+
+
+def check_window(window) -> None:
+    """A sliding window is None (full attention) or an int >= 1 (key j visible from position p iff p - j < window)."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be None or an int >= 1 (key j is visible from position p iff p - j < window), "
+                         f"got {window!r}")
 
 
 def default_scale(head_dim: int) -> float:

@@ -78,9 +78,11 @@ def variants(quick: bool):
                     (torch.float16, 128, True, avar, True, True), (torch.float32, 64, True, general, True, True)]
 
 
-def check(arch: int = 90, quick: bool = False, blocks=((128, 64), (64, 32))):
+def check(arch: int = 90, quick: bool = False, blocks=((128, 64), (64, 32)), block_ids: bool = False,
+          window: int | None = None):
     """Compile forward, preprocess, dK/dV, dQ and decode kernels for every variant; returns a list of result dicts.
-    `blocks` = (BLOCK_M, BLOCK_N) of the forward / dQ programs (dK/dV uses them swapped)."""
+    `blocks` = (BLOCK_M, BLOCK_N) of the forward / dQ programs (dK/dV uses them swapped); block_ids / window compile
+    the bidirectional-block / sliding-window variants (spec.py)."""
     from . import triton_bwd, triton_fwd
     from .spec import NUM_CATEGORIES, CategoryTransform
     from .triton_common import kernel_operands
@@ -95,7 +97,8 @@ def check(arch: int = 90, quick: bool = False, blocks=((128, 64), (64, 32))):
         m = torch.empty(B, Hq, Q, NUM_CATEGORIES) if mass else None
         tr = CategoryTransform.from_lists(**tables)
         ops = kernel_operands(tr, cat, torch.ones(B, Q, dtype=torch.bool) if rows else None, None, scale=0.1, Q=Q,
-                              Hq=Hq, need_codes=mass)
+                              Hq=Hq, need_codes=mass, block=torch.zeros(B, K, dtype=torch.int32) if block_ids else None,
+                              window=window)
         fargs, fmeta = triton_fwd.forward_launch(q, k, k, ops, q, lse, m, scale=0.1, causal=causal)
         (pargs, pmeta), (kargs, kmeta), (qargs, qmeta) = triton_bwd.backward_launch(
             q, q, k, k, ops, q, lse, m, m, None, lse, lse, q, k, k, scale=0.1, causal=causal)

@@ -16,6 +16,9 @@ With upstream dO (B,Hq,Q,D), optional mass gradient g (B,Hq,Q,8) and optional LS
                                    (`_attn_bwd_dkdv`: one program per key block, loops over heads and queries)
 
 Empty rows (lse = -inf) are given lse2 = +inf so every probability of the row is exactly 0.
+Bidirectional blocks / sliding window (spec.py): dq visits the forward's key ranges; dk/dv of a key block also visit
+the earlier query rows that share a block with one of its keys (the block's first index, `block_table`) and skip
+the rows past the window of its last key.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from .triton_common import (
     KernelOperands,
     _dot_fp32,
     _key_vectors,
+    _query_tile_keys,
     _scores,
+    _visible,
     _slope,
     _wpost,
     block_d,
@@ -83,7 +88,7 @@ def _attn_bwd_preprocess(O, DO, LSE, MASS, G, DLSE, DELTA, LSE2,  #
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en,  #
+def _attn_bwd_dkdv_inner(dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en, BLK_b, kblk,  #
                          q_base, do_base, ROW_EN_b, LSE2_bh, DELTA_bh, G_bh,  #
                          stride_qm, stride_qd, stride_dom, stride_dod,  #
                          qk_scale, Q_LEN, causal_offset, offs_n, offs_d, lo, hi,  #
@@ -91,10 +96,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, k
                          MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
                          ALL_EN: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, RAW_W: tl.constexpr,  #
                          HAS_MASS_GRAD: tl.constexpr, MASS_PATH: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, BLOCKS: tl.constexpr, WINDOW: tl.constexpr):
     """Accumulate dk, dv (BLOCK_N, BLOCK_D) of one key block over query rows [lo, hi) of one query head.
 
-    Tiles are transposed (keys x queries) as in the Triton tutorial: key vectors broadcast as [:, None]."""
+    Tiles are transposed (keys x queries) as in the Triton tutorial: key vectors broadcast as [:, None].
+    MASK_CAUSAL as in triton_fwd._attn_fwd_inner; kblk the key block's block ids, BLK_b this sample's ids."""
     d_in = offs_d < HEAD_DIM
     offs_c = tl.arange(0, MASS_W)
     for start_m in range(lo, hi, BLOCK_M):
@@ -112,8 +118,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, k
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
         xT = _scores(qkT, en[None, :], b_on[:, None], b_off[:, None], ks[:, None], ka[:, None], qk_scale, TRANSFORM,
                      ALL_EN, HAS_MUL, HAS_ABS)
-        if MASK_CAUSAL:
+        if MASK_CAUSAL == 1:
             xT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, xT, float("-inf"))
+        elif MASK_CAUSAL >= 2:
+            qpos = offs_m + causal_offset
+            if BLOCKS:
+                qb = tl.load(BLK_b + qpos, mask=m_in & (qpos >= 0), other=0)
+            else:
+                qb = offs_m * 0
+            xT = tl.where(_visible(qpos[None, :], offs_n[:, None], qb[None, :], kblk[:, None], MASK_CAUSAL, BLOCKS,
+                                   WINDOW), xT, float("-inf"))
         phatT = tl.math.exp2(xT - lse2[None, :])
         if RAW_W:
             ppT = phatT * _wpost(en[None, :], kw[:, None], ALL_EN)
@@ -167,7 +181,7 @@ def _mass_grad_mixed_t(CAT_b, offs_n, n_in, G_bh, offs_m, m_in, offs_c, NUM_CAT:
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DK, DV,  #
+def _attn_bwd_dkdv(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, BLK, DO, LSE2, DELTA, G, DK, DV,  #
                    sm_scale,  #
                    stride_qb, stride_qh, stride_qm, stride_qd,  #
                    stride_kb, stride_kh, stride_kn, stride_kd,  #
@@ -194,6 +208,8 @@ def _attn_bwd_dkdv(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA,
                    MASS_PATH: tl.constexpr,  # 0: per key block (fold / dot), 2: always the dot
                    DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype
                    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+                   BLOCKS: tl.constexpr,  # bidirectional block ids in BLK (triton_common.block_table)
+                   WINDOW: tl.constexpr,  # sliding window (0: none)
                    ):
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
@@ -221,15 +237,34 @@ def _attn_bwd_dkdv(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA,
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
     causal_offset = K_LEN - Q_LEN
 
+    BLK_b = BLK + off_b.to(tl.int64) * K_LEN  # (BLK_ROWS, B, K) contiguous, row stride = stride_kvr
+    if BLOCKS:
+        kblk = tl.load(BLK_b + offs_n, mask=n_in, other=0)
+    else:
+        kblk = offs_n * 0
+    # row ranges: [m_start, m_mid) masked, [m_mid, m_full) unmasked, [m_full, m_hi) masked
     if CAUSAL:
         # rows [m_lo, m_mid) cross the diagonal of this key block (masked); rows [m_mid, Q_LEN) see all of it
         m_lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
         m_lo = tl.minimum(m_lo, Q_LEN)
         diag_end = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), Q_LEN)
         m_mid = m_lo + ((tl.maximum(diag_end - m_lo, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        m_start = m_lo
+        if BLOCKS:  # earlier rows sharing a block with a key of this block see it too (not skipped)
+            kfirst = tl.min(tl.load(BLK_b + 1 * stride_kvr + offs_n, mask=n_in, other=K_LEN), 0)
+            m_start = tl.minimum(m_lo, (tl.maximum(kfirst - causal_offset, 0) // BLOCK_M) * BLOCK_M)
     else:
-        m_lo = 0
+        m_start = 0
         m_mid = 0
+    m_full = Q_LEN
+    m_hi = Q_LEN
+    if WINDOW > 0:  # rows past the window of the block's last key are skipped; rows seeing its first key are unmasked
+        m_hi = tl.minimum(Q_LEN, tl.maximum(start_n + BLOCK_N - 1 + WINDOW - causal_offset, 0))
+        full_end = start_n + WINDOW - causal_offset
+        m_full = m_mid + (tl.maximum(full_end - m_mid, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(m_full, m_hi)
+        if not CAUSAL:
+            m_full = 0
     ROW_EN_b = ROW_EN + off_b * Q_LEN
     for g in range(GROUP):
         off_hq = off_hkv * GROUP + g
@@ -241,20 +276,46 @@ def _attn_bwd_dkdv(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA,
         else:
             head_en = tl.load(HEAD_EN + off_hq) != 0
         if CAUSAL:
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en,  #
-                q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
-                stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
-                m_lo, m_mid,  #
-                HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, True, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
-                MASS_PATH, DOT_DTYPE, DOT_PRECISION)
+            if BLOCKS or WINDOW > 0:
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en, BLK_b, kblk,  #
+                    q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
+                    stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
+                    m_start, m_mid,  #
+                    HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, 2, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W,
+                    HAS_MASS_GRAD, MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            else:
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en, BLK_b, kblk,  #
+                    q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
+                    stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
+                    m_start, m_mid,  #
+                    HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, 1, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W,
+                    HAS_MASS_GRAD, MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en,  #
+            dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en, BLK_b, kblk,  #
             q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
             stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
-            m_mid, Q_LEN,  #
-            HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
-            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
+            m_mid, m_full,  #
+            HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, 0, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W,
+            HAS_MASS_GRAD, MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+        if WINDOW > 0:
+            if CAUSAL:
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en, BLK_b, kblk,  #
+                    q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
+                    stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
+                    tl.maximum(m_full, m_mid), m_hi,  #
+                    HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, 2, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W,
+                    HAS_MASS_GRAD, MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            else:
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, CAT_b, n_in, code, wc, b_on, b_off, ks, ka, kw, head_en, BLK_b, kblk,  #
+                    q_base, do_base, ROW_EN_b, LSE2 + bh * Q_LEN, DELTA + bh * Q_LEN, G + bh * Q_LEN * NUM_CAT,  #
+                    stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, Q_LEN, causal_offset, offs_n, offs_d,  #
+                    tl.maximum(m_full, m_mid), m_hi,  #
+                    HEAD_DIM, BLOCK_M, NUM_CAT, MASS_W, 3, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W,
+                    HAS_MASS_GRAD, MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
 
     if HAS_MUL or HAS_ABS:
         dk = dk * 0.6931471805599453  # ds carried dx/dqk = scale*log2(e)*dt/ds: ln 2 turns it into scale*dt/ds
@@ -268,15 +329,16 @@ def _attn_bwd_dkdv(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in,  #
-                       K_ptr, V_ptr, KV_ptr, CAT_ptr, TC_ptr, WTAB, G_rows,  #
+                       K_ptr, V_ptr, KV_ptr, CAT_ptr, TC_ptr, WTAB, G_rows, BLK_ptr, qblk,  #
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr,  #
                        qk_scale, K_LEN, causal_offset, lo, hi,  #
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CAT: tl.constexpr,  #
                        MASS_W: tl.constexpr, MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr,  #
                        ALL_EN: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, RAW_W: tl.constexpr,  #
                        HAS_MASS_GRAD: tl.constexpr, MASS_PATH: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
-                       DOT_PRECISION: tl.constexpr):
-    """Accumulate dq (BLOCK_M, BLOCK_D) of one query block over key blocks [lo, hi)."""
+                       DOT_PRECISION: tl.constexpr, BLOCKS: tl.constexpr, WINDOW: tl.constexpr):
+    """Accumulate dq (BLOCK_M, BLOCK_D) of one query block over key blocks [lo, hi) (MASK_CAUSAL, BLK_ptr, qblk as
+    in triton_fwd._attn_fwd_inner)."""
     d_in = offs_d < HEAD_DIM
     offs_c = tl.arange(0, MASS_W)
     for start_n in range(lo, hi, BLOCK_N):
@@ -292,8 +354,15 @@ def _attn_bwd_dq_inner(dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in,  #
                                                HAS_ABS, RAW_W)
         x = _scores(qk, en[:, None], b_on[None, :], b_off[None, :], ks[None, :], ka[None, :], qk_scale, TRANSFORM,
                     ALL_EN, HAS_MUL, HAS_ABS)
-        if MASK_CAUSAL:
+        if MASK_CAUSAL == 1:
             x = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, x, float("-inf"))
+        elif MASK_CAUSAL >= 2:
+            if BLOCKS:
+                kb = tl.load(BLK_ptr + offs_n, mask=n_in, other=0)
+            else:
+                kb = offs_n * 0
+            x = tl.where(_visible(offs_m[:, None] + causal_offset, offs_n[None, :], qblk[:, None], kb[None, :],
+                                  MASK_CAUSAL, BLOCKS, WINDOW), x, float("-inf"))
         phat = tl.math.exp2(x - lse2[:, None])
         if RAW_W:
             pp = phat * _wpost(en[:, None], kw[None, :], ALL_EN)
@@ -331,7 +400,7 @@ def _mass_grad_mixed(g, CAT_ptr, offs_n, n_in, offs_c, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G, DQ,  #
+def _attn_bwd_dq(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, BLK, DO, LSE2, DELTA, G, DQ,  #
                  sm_scale,  #
                  stride_qb, stride_qh, stride_qm, stride_qd,  #
                  stride_kb, stride_kh, stride_kn, stride_kd,  #
@@ -357,6 +426,8 @@ def _attn_bwd_dq(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G
                  MASS_PATH: tl.constexpr,  # 0: per key block (fold / dot), 2: always the dot
                  DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype
                  DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+                 BLOCKS: tl.constexpr,  # bidirectional block ids in BLK (triton_common.block_table)
+                 WINDOW: tl.constexpr,  # sliding window (0: none)
                  ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -394,28 +465,68 @@ def _attn_bwd_dq(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, DO, LSE2, DELTA, G
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
     causal_offset = K_LEN - Q_LEN
 
-    if CAUSAL:
+    blk_base = BLK + off_b.to(tl.int64) * K_LEN  # (BLK_ROWS, B, K) contiguous, row stride = stride_kvr
+    qblk = offs_m * 0
+    if BLOCKS:
+        qpos = offs_m + causal_offset
+        q_ok = m_in & (qpos >= 0) & (qpos < K_LEN)
+        qblk = tl.load(blk_base + qpos, mask=q_ok, other=0)
+        qlast = tl.max(tl.load(blk_base + 2 * stride_kvr + qpos, mask=q_ok, other=0), 0)
+    else:
+        qlast = 0
+    if CAUSAL:  # key ranges as in the forward (triton_fwd._category_attn_fwd)
         diag_lo = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
         diag_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), K_LEN)
         diag_lo = tl.minimum(diag_lo, diag_hi)
+        if BLOCKS or WINDOW > 0:
+            lo, mid, hi = _query_tile_keys(start_m, causal_offset, K_LEN, diag_lo, diag_hi, qlast, BLOCK_M, BLOCK_N,
+                                           BLOCKS, WINDOW)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                g_rows, blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, lo, mid,  #
+                HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, 2, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+                MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                g_rows, blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, mid, diag_lo,  #
+                HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, 0, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+                MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                g_rows, blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, diag_lo, hi,  #
+                HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, 2, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+                MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+        else:
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                g_rows, blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, 0, diag_lo,  #
+                HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, 0, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+                MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                g_rows, blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, diag_lo, diag_hi,  #
+                HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, 1, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+                MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+    elif WINDOW > 0:
+        lo = (tl.maximum(start_m + causal_offset - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_inner(
             dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
-            g_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0,
-            diag_lo,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
-            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
-            g_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, diag_lo,
-            diag_hi,  #
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, True, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
-            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
+            g_rows, blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+            causal_offset, tl.minimum(lo, K_LEN), K_LEN,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, 3, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+            MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
     else:
         dq = _attn_bwd_dq_inner(
             dq, q, do, en, lse2, delta, g, offs_m, offs_d, m_in, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
-            g_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0, K_LEN,
-            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
-            MASS_PATH, DOT_DTYPE, DOT_PRECISION)
+            g_rows, blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+            causal_offset, 0, K_LEN,  #
+            HEAD_DIM, BLOCK_N, NUM_CAT, MASS_W, 0, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, HAS_MASS_GRAD,
+            MASS_PATH, DOT_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
 
     if HAS_MUL or HAS_ABS:
         dq = dq * 0.6931471805599453  # see _attn_bwd_dkdv
@@ -439,7 +550,7 @@ DQ_CONFIGS = [  # (64 x 32 / 4 warps spills 4 B for the general kind: left out)
 ]
 
 _BWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "ALL_EN", "HAS_MUL", "HAS_ABS",
-                 "RAW_W", "HAS_MASS_GRAD", "DOT_DTYPE"]
+                 "RAW_W", "HAS_MASS_GRAD", "DOT_DTYPE", "BLOCKS", "WINDOW"]
 _attn_bwd_dkdv_tuned = triton.autotune(configs=DKDV_CONFIGS, key=_BWD_TUNE_KEY, prune_configs_by={
     "early_config_prune": prune_by_rows("BLOCK_N", "K_LEN")})(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=_BWD_TUNE_KEY, prune_configs_by={
@@ -468,7 +579,7 @@ def backward_launch(do, q, k, v, ops: KernelOperands, out, lse, mass, dmass, dls
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=bd, NUM_CAT=NUM_CATEGORIES, MASS_W=MASS_WIDTH,
                 CAUSAL=bool(causal), **ops.flags(), HAS_MASS_GRAD=has_mass_grad, MASS_PATH=int(mass_path),
                 DOT_DTYPE=ddt, DOT_PRECISION=dot_precision(ddt))
-    common = (q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, do, lse2, delta, g)
+    common = (q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, ops.blk, do, lse2, delta, g)
     op_strides = (ops.cat.stride(0), ops.kv.stride(0), ops.tc.stride(0), ops.tc.stride(1))
     dkdv_args = (*common, dk, dv, float(scale), *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
                  *dv.stride(), *op_strides, Hq, Hkv, Q, K, length_bucket(Q), length_bucket(K))

@@ -5,7 +5,9 @@ Device helpers (element-wise on broadcastable tiles, fp32):
   `_scores`          raw dot products -> exponent x in log2 units (the transform kind picks the terms)
   `_slope`, `_wpost` dx/dqk for the backward (mul / absw kinds) and the raw-mode post-softmax weight
   `_dot_fp32`        a @ b where one operand is fp32 data and the other a 0/1 one-hot tile, at ~fp32 accuracy
-Host helpers: `kernel_operands` (per-key values, tile codes, enables, kind flags: device ops only),
+  `_visible`         the general visibility tile (causal / bidirectional blocks / sliding window, spec.py)
+  `_window_rows_lo` etc. the key / row ranges a query / key tile must visit under a window or blocks
+Host helpers: `kernel_operands` (per-key values, tile codes, enables, block table, kind flags: device ops only),
 `key_table` (cached per transform, scale and device), `tile_codes`, config pruning / pinning, operand dtypes.
 
 Units: every score inside the kernels is in log2 units, x = scale * log2(e) * q.k (+ transform), so exp2 replaces
@@ -114,13 +116,41 @@ def tile_codes(cat: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Rows of the block table (`block_table`), (BLK_ROWS, B, K) int32 laid out like the per-key table (row stride B*K).
+BLK_ID, BLK_FIRST, BLK_LAST = 0, 1, 2
+BLK_ROWS = 3
+# MASK_CAUSAL values of the inner loops: 0 no mask, 1 causal, 2 general causal (causal or same block, and window),
+# 3 window only (non-causal with a window)
+MASK_NONE, MASK_CAUSAL_ONLY, MASK_GENERAL, MASK_WINDOW = 0, 1, 2, 3
+
+
+def block_table(block: torch.Tensor) -> torch.Tensor:
+    """(BLK_ROWS, B, K) int32 from (B, K) block ids (0 = no block): the id, and the first / last key index holding
+    the same nonzero id (the key itself for id 0). Device ops only (sort + scatter, no host sync): the kernels read
+    the last index to extend a query tile's key range and the first index to extend a key tile's query range."""
+    B, K = block.shape
+    ids = block.to(torch.int64)
+    pos = torch.arange(K, device=block.device).expand(B, K)
+    vals, order = torch.sort(ids, dim=1, stable=True)
+    new_run = torch.ones_like(vals, dtype=torch.bool)
+    new_run[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    run = torch.cumsum(new_run.to(torch.int64), dim=1) - 1  # run index (< K) of each sorted slot
+    first = torch.full((B, K), K, dtype=torch.int64, device=block.device).scatter_reduce(1, run, order, "amin")
+    last = torch.full((B, K), -1, dtype=torch.int64, device=block.device).scatter_reduce(1, run, order, "amax")
+    run_of = torch.empty_like(run).scatter_(1, order, run)  # run index of each original key
+    first_k = torch.where(ids != 0, first.gather(1, run_of), pos)
+    last_k = torch.where(ids != 0, last.gather(1, run_of), pos)
+    return torch.stack([ids, first_k, last_k]).to(torch.int32).contiguous()
+
+
 @dataclass
 class KernelOperands:
     """Device tensors and compile-time flags one operator call hands to the kernels (`kernel_operands`).
 
     cat (B, K) int8/int32 key categories (stride 1 along K), kv (KV_ROWS, B, K) fp32 per-key values, tc tile codes
     (`tile_codes`, or a 1-element dummy without masses), wtab (NUM_CATEGORIES,) fp32 weights w, row_en (B, Q) int8
-    and head_en (Hq,) int8 (1-element dummies when all_en)."""
+    and head_en (Hq,) int8 (1-element dummies when all_en), blk (BLK_ROWS, B, K) int32 block table (`block_table`;
+    a 1-element dummy without blocks), window the sliding window (0 = none; a compile-time constant)."""
 
     kind: TransformKind
     all_en: bool
@@ -130,24 +160,29 @@ class KernelOperands:
     wtab: torch.Tensor
     row_en: torch.Tensor
     head_en: torch.Tensor
+    blk: torch.Tensor | None = None
+    blocks: bool = False
+    window: int = 0
 
     def flags(self) -> dict:
         k = self.kind
         return dict(TRANSFORM=k.transform, ALL_EN=self.all_en or not k.transform, HAS_MUL=k.has_mul,
-                    HAS_ABS=k.has_abs, RAW_W=k.raw_w)
+                    HAS_ABS=k.has_abs, RAW_W=k.raw_w, BLOCKS=self.blocks, WINDOW=self.window)
 
     def tensors(self) -> tuple:
-        return self.cat, self.kv, self.tc, self.wtab, self.row_en, self.head_en
+        return self.cat, self.kv, self.tc, self.wtab, self.row_en, self.head_en, self.blk
 
     def with_tensors(self, tensors) -> KernelOperands:
-        return KernelOperands(self.kind, self.all_en, *tensors)
+        return KernelOperands(self.kind, self.all_en, *tensors, blocks=self.blocks, window=self.window)
 
 
 def kernel_operands(transform: CategoryTransform, cat: torch.Tensor, row_enable, head_enable, *, scale: float,
-                    Q: int, Hq: int, need_codes: bool) -> KernelOperands:
+                    Q: int, Hq: int, need_codes: bool, block: torch.Tensor | None = None,
+                    window: int | None = None) -> KernelOperands:
     """Everything but q/k/v the kernels read, built with device ops only (no host sync, no host->device copy after
     the first call with a transform: its key table is cached on it). row_enable (B, Q) / head_enable (Hq,) bool or
-    None (None for both, or an identity transform, selects the all-enabled fast path)."""
+    None (None for both, or an identity transform, selects the all-enabled fast path); block (B, K) ids / window
+    as in spec.py (None: none)."""
     dev = cat.device
     kind = transform_kind(transform)
     table = key_table(transform, scale, dev)
@@ -163,7 +198,9 @@ def kernel_operands(transform: CategoryTransform, cat: torch.Tensor, row_enable,
     head_en = dummy if all_en else (torch.ones(Hq, dtype=torch.int8, device=dev) if head_enable is None
                                     else head_enable.to(device=dev, dtype=torch.int8).contiguous())
     tc = tile_codes(cat) if need_codes else torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
-    return KernelOperands(kind, all_en, cat, key_values(table, cat), tc, table[KV_W], row_en, head_en)
+    blk = block_table(block.to(dev)) if block is not None else torch.zeros(1, dtype=torch.int32, device=dev)
+    return KernelOperands(kind, all_en, cat, key_values(table, cat), tc, table[KV_W], row_en, head_en, blk,
+                          block is not None, int(window or 0))
 
 
 def pinned_configs() -> bool:
@@ -336,3 +373,42 @@ def _dot_fp32(a, b, A_IS_DATA: tl.constexpr, DOT_DTYPE: tl.constexpr):
             oh = a.to(DOT_DTYPE)
             res = tl.dot(oh, lo, tl.dot(oh, hi))
     return res
+
+
+@triton.jit
+def _visible(qp, kp, qb, kb, MASK: tl.constexpr, BLOCKS: tl.constexpr, WINDOW: tl.constexpr):
+    """Visibility of keys at positions kp from queries at key positions qp (broadcastable tiles; qb / kb their block
+    ids, read only with BLOCKS): MASK 1 causal kp <= qp; 2 (kp <= qp or qb == kb != 0) and qp - kp < WINDOW
+    (WINDOW 0: no window); 3 qp - kp < WINDOW only (non-causal). PAD comes from the per-key bias, not from here."""
+    if MASK == 1:
+        vis = kp <= qp
+    elif MASK == 2:
+        vis = kp <= qp
+        if BLOCKS:
+            vis = vis | ((kb == qb) & (qb != 0))
+        if WINDOW > 0:
+            vis = vis & (qp - kp < WINDOW)
+    else:
+        vis = qp - kp < WINDOW
+    return vis
+
+
+@triton.jit
+def _query_tile_keys(start_m, causal_offset, K_LEN, diag_lo, diag_hi, qlast_max, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, WINDOW: tl.constexpr):
+    """Key ranges of one causal query tile (rows start_m .., at key positions + causal_offset) under blocks / window:
+    [lo, mid) masked, [mid, diag_lo) unmasked, [diag_lo, hi) masked (all multiples of BLOCK_N but hi).
+    A window hides every key before the first row's position - WINDOW + 1 (lo) and is satisfied by every row from
+    the last row's position - WINDOW + 1 on (mid); a block extends hi to one past the furthest key sharing a block
+    with a row (qlast_max: the largest BLK_LAST over the tile's rows)."""
+    lo = 0
+    mid = 0
+    if WINDOW > 0:
+        lo = (tl.maximum(start_m + causal_offset - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        mid = ((tl.maximum(start_m + BLOCK_M - 1 + causal_offset - WINDOW + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        lo = tl.minimum(lo, diag_lo)
+        mid = tl.minimum(tl.maximum(mid, lo), diag_lo)
+    hi = diag_hi
+    if BLOCKS:
+        hi = tl.minimum(tl.maximum(hi, qlast_max + 1), K_LEN)
+    return lo, mid, hi

@@ -20,7 +20,19 @@ import triton.language as tl
 
 from . import triton_common
 from .spec import NUM_CATEGORIES
-from .triton_common import MASS_WIDTH, KernelOperands, block_d, dot_dtype, dot_precision, interpreting, mass_dtype
+from .triton_common import (
+    MASK_CAUSAL_ONLY,
+    MASK_GENERAL,
+    MASK_NONE,
+    MASK_WINDOW,
+    MASS_WIDTH,
+    KernelOperands,
+    block_d,
+    dot_dtype,
+    dot_precision,
+    interpreting,
+    mass_dtype,
+)
 from .triton_fwd import _attn_fwd_inner
 
 DECODE_MAX_Q = 16
@@ -31,7 +43,7 @@ DECODE_STAGES = 3
 
 
 @triton.jit
-def _decode_split(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, ACC, ML, MASS_P,  #
+def _decode_split(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, BLK, ACC, ML, MASS_P,  #
                   sm_scale,  #
                   stride_qb, stride_qh, stride_qm, stride_qd,  #
                   stride_kb, stride_kh, stride_kn, stride_kd,  #
@@ -42,8 +54,13 @@ def _decode_split(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, ACC, ML, MASS_P, 
                   BLOCK_N: tl.constexpr, MASS_W: tl.constexpr, CAUSAL: tl.constexpr, MASK_CAUSAL: tl.constexpr,  #
                   TRANSFORM: tl.constexpr, ALL_EN: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr,  #
                   RAW_W: tl.constexpr, RETURN_MASS: tl.constexpr, MASS_PATH: tl.constexpr,  #
-                  DOT_DTYPE: tl.constexpr, MASS_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  DOT_DTYPE: tl.constexpr, MASS_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+                  BLOCKS: tl.constexpr, WINDOW: tl.constexpr):
     """Partial softmax state of BLOCK_M packed rows over keys [split*CHUNK, (split+1)*CHUNK).
+
+    Blocks / window (spec.py): MASK_CAUSAL is then the general mask (2, or 3 non-causal with a window); with blocks
+    the chunk range is not cut at the diagonal (a row may see later keys of its block), with a window the keys
+    before the first row's window are skipped.
 
     Writes ACC (B*Hkv, N_SPLIT, BLOCK_M, BLOCK_D), ML (B*Hkv, N_SPLIT, 2, BLOCK_M) = (m, l) and
     MASS_P (B*Hkv, N_SPLIT, BLOCK_M, MASS_W), all fp32 and unnormalised."""
@@ -71,11 +88,20 @@ def _decode_split(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, ACC, ML, MASS_P, 
     kv_base = KV + off_b.to(tl.int64) * K_LEN
     tc_base = TC + off_b.to(tl.int64) * stride_tcb + (BLOCK_N // 16) * stride_tcr
     causal_offset = K_LEN - Q_LEN
+    blk_base = BLK + off_b.to(tl.int64) * K_LEN
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, K_LEN)
-    if CAUSAL:
+    if CAUSAL and not BLOCKS:
         hi = tl.minimum(hi, tl.maximum(Q_LEN - 1 + causal_offset + 1, 0))  # the last row's last visible key + 1
         hi = tl.maximum(hi, lo)
+    if WINDOW > 0:  # key blocks wholly before the first row's window hold nothing visible
+        lo = tl.maximum(lo, (tl.maximum(causal_offset - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N)
+        hi = tl.maximum(hi, lo)
+    if BLOCKS:
+        kpos = qpos + causal_offset
+        qblk = tl.load(blk_base + kpos, mask=r_in & (kpos >= 0) & (kpos < K_LEN), other=0)
+    else:
+        qblk = qpos * 0
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -83,10 +109,10 @@ def _decode_split(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, ACC, ML, MASS_P, 
     mass_acc = tl.zeros([BLOCK_M, MASS_W], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     acc, l_i, m_i, mass_acc = _attn_fwd_inner(
-        acc, l_i, m_i, mass_acc, q, en, qpos, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,  #
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, lo, hi,  #
+        acc, l_i, m_i, mass_acc, q, en, qpos, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB, blk_base,
+        qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, lo, hi,  #
         HEAD_DIM, BLOCK_N, MASS_W, MASK_CAUSAL, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
-        DOT_DTYPE, MASS_DTYPE, DOT_PRECISION)
+        DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
     part = off_bh.to(tl.int64) * N_SPLIT + split
     tl.store(ACC + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
     tl.store(ML + (part * 2) * BLOCK_M + rows, m_i)
@@ -184,12 +210,19 @@ def decode_forward(q, k, v, ops: KernelOperands, *, scale: float, causal: bool, 
     mass_p = torch.empty(B * Hkv, splits, bm, MASS_WIDTH, dtype=torch.float32, device=dev) if return_mass else ml_p
     ddt = dot_dtype(q.dtype)
     flags = ops.flags()
+    if causal and (ops.blocks or ops.window):
+        mask = MASK_GENERAL
+    elif ops.window:
+        mask = MASK_WINDOW
+    else:
+        mask = MASK_CAUSAL_ONLY if causal and Q > 1 else MASK_NONE
     meta = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, MASS_W=MASS_WIDTH, CAUSAL=bool(causal),
-                MASK_CAUSAL=bool(causal) and Q > 1, **flags, RETURN_MASS=bool(return_mass),
+                MASK_CAUSAL=mask, **flags, RETURN_MASS=bool(return_mass),
                 MASS_PATH=int(mass_path), DOT_DTYPE=ddt, MASS_DTYPE=mass_dtype(ddt), DOT_PRECISION=dot_precision(ddt))
     launch = {} if interpreting() else dict(num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     _decode_split[(splits, B * Hkv)](
-        q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, acc_p, ml_p, mass_p, float(scale),
+        q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, ops.blk, acc_p, ml_p, mass_p,
+        float(scale),
         *q.stride(), *k.stride(), *v.stride(), ops.cat.stride(0), ops.kv.stride(0), ops.tc.stride(0),
         ops.tc.stride(1), Hkv, Q, K, chunk, splits, **meta, **launch)
     _decode_reduce[(B * Hkv,)](

@@ -2,8 +2,11 @@
 
 One program = BLOCK_M query rows of one (batch, query head). K/V blocks stream through an online softmax in
 fp32 and log2 units (exp2, with scale*log2(e) folded into the scores). Causal: keys left of the block's
-diagonal run unmasked (`_attn_fwd_inner` with MASK_CAUSAL=False), the diagonal band runs masked. PAD comes from
+diagonal run unmasked (`_attn_fwd_inner` with MASK_CAUSAL=0), the diagonal band runs masked. PAD comes from
 the key categories (never an N x N mask); out-of-range key/row/head-dim lanes are masked loads.
+Bidirectional blocks / sliding window (spec.py): a window skips the key blocks wholly before the first row's window
+and masks the band at its edge; a block extends the key range past the diagonal to the last key sharing a block with
+a row of the tile (those future key blocks are NOT skipped), masked; everything else is skipped as before.
 
     q (B, Hq, Q, D), k / v (B, Hkv, K, D) in fp16 / bf16 / fp32, cat (B, K) int, D in {16..256}
  -> out (B, Hq, Q, D) q.dtype, lse (B, Hq, Q) fp32 natural log (spec.py convention), mass (B, Hq, Q, 8) fp32.
@@ -22,7 +25,9 @@ from .triton_common import (
     LOG2E,
     MASS_WIDTH,
     _key_vectors,
+    _query_tile_keys,
     _scores,
+    _visible,
     _wpost,
     KernelOperands,
     block_d,
@@ -37,15 +42,19 @@ from .triton_common import (
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d,  #
-                    K_ptr, V_ptr, KV_ptr, CAT_ptr, TC_ptr, WTAB,  #
+                    K_ptr, V_ptr, KV_ptr, CAT_ptr, TC_ptr, WTAB, BLK_ptr, qblk,  #
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr,  #
                     qk_scale, K_LEN, causal_offset, lo, hi,  #
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASS_W: tl.constexpr,  #
                     MASK_CAUSAL: tl.constexpr, TRANSFORM: tl.constexpr, ALL_EN: tl.constexpr,  #
                     HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, RAW_W: tl.constexpr,  #
                     RETURN_MASS: tl.constexpr, MASS_PATH: tl.constexpr, DOT_DTYPE: tl.constexpr,  #
-                    MASS_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold key blocks [lo, hi) into the running (acc, l_i, m_i, mass_acc) of one query block."""
+                    MASS_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCKS: tl.constexpr,
+                    WINDOW: tl.constexpr):
+    """Fold key blocks [lo, hi) into the running (acc, l_i, m_i, mass_acc) of one query block.
+
+    MASK_CAUSAL (triton_common.MASK_*): 0 none, 1 causal, 2 general causal, 3 window only; BLK_ptr the block ids of
+    this sample's keys and qblk the rows' own block ids (read with BLOCKS only)."""
     d_in = offs_d < HEAD_DIM
     offs_c = tl.arange(0, MASS_W)
     for start_n in range(lo, hi, BLOCK_N):
@@ -60,8 +69,15 @@ def _attn_fwd_inner(acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d,  #
                                                HAS_ABS, RAW_W)
         x = _scores(qk, en[:, None], b_on[None, :], b_off[None, :], ks[None, :], ka[None, :], qk_scale, TRANSFORM,
                     ALL_EN, HAS_MUL, HAS_ABS)
-        if MASK_CAUSAL:
+        if MASK_CAUSAL == 1:
             x = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, x, float("-inf"))
+        elif MASK_CAUSAL >= 2:
+            if BLOCKS:
+                kb = tl.load(BLK_ptr + offs_n, mask=n_in, other=0)
+            else:
+                kb = offs_n * 0
+            x = tl.where(_visible(offs_m[:, None] + causal_offset, offs_n[None, :], qblk[:, None], kb[None, :],
+                                  MASK_CAUSAL, BLOCKS, WINDOW), x, float("-inf"))
         # -- online softmax; m_safe keeps exp2 finite while a row has seen nothing visible yet
         m_ij = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -115,7 +131,7 @@ def _mass_mixed(mass_acc, p, CAT_ptr, offs_n, n_in, offs_c, MASS_DTYPE: tl.const
 
 
 @triton.jit
-def _category_attn_fwd(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, Out, LSE, MASS,  #
+def _category_attn_fwd(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, BLK, Out, LSE, MASS,  #
                        sm_scale,  #
                        stride_qb, stride_qh, stride_qm, stride_qd,  #
                        stride_kb, stride_kh, stride_kn, stride_kd,  #
@@ -141,6 +157,8 @@ def _category_attn_fwd(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, Out, LSE, MA
                        DOT_DTYPE: tl.constexpr,  # tl.dot operand dtype (fp16 / bf16 / fp32)
                        MASS_DTYPE: tl.constexpr,  # mass dot operand dtype (fp16 / fp32)
                        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands
+                       BLOCKS: tl.constexpr,  # bidirectional block ids in BLK (triton_common.block_table)
+                       WINDOW: tl.constexpr,  # sliding window (0: none)
                        ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -153,6 +171,7 @@ def _category_attn_fwd(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, Out, LSE, MA
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_hq.to(tl.int64) * stride_oh
     cat_base = CAT + off_b.to(tl.int64) * stride_cb
     kv_base = KV + off_b.to(tl.int64) * K_LEN  # (KV_ROWS, B, K) contiguous
+    blk_base = BLK + off_b.to(tl.int64) * K_LEN  # (BLK_ROWS, B, K) contiguous, row stride = stride_kvr
     tc_base = TC + off_b.to(tl.int64) * stride_tcb + (BLOCK_N // 16) * stride_tcr
     row_base = off_bh.to(tl.int64) * Q_LEN  # LSE (B, Hq, Q) and MASS (B, Hq, Q, NUM_CAT) are contiguous
 
@@ -174,28 +193,70 @@ def _category_attn_fwd(Q, K, V, CAT, KV, TC, WTAB, ROW_EN, HEAD_EN, Out, LSE, MA
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
     causal_offset = K_LEN - Q_LEN  # query row i sits at key position i + causal_offset
+    qblk = offs_m * 0
+    if BLOCKS:
+        qpos = offs_m + causal_offset
+        q_ok = m_in & (qpos >= 0) & (qpos < K_LEN)
+        qblk = tl.load(blk_base + qpos, mask=q_ok, other=0)
+        qlast = tl.max(tl.load(blk_base + 2 * stride_kvr + qpos, mask=q_ok, other=0), 0)
+    else:
+        qlast = 0
     if CAUSAL:
         # keys [0, diag_lo) are visible to every row of the block; [diag_lo, diag_hi) need the causal mask
         diag_lo = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
         diag_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), K_LEN)
         diag_lo = tl.minimum(diag_lo, diag_hi)
+        if BLOCKS or WINDOW > 0:
+            # window: keys before lo are hidden from every row, [lo, mid) straddle the window edge (masked);
+            # blocks: keys [diag_hi, hi) are visible only through a shared block (masked); keys past hi: skipped
+            lo, mid, hi = _query_tile_keys(start_m, causal_offset, K_LEN, diag_lo, diag_hi, qlast, BLOCK_M, BLOCK_N,
+                                           BLOCKS, WINDOW)
+            acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+                acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, lo, mid,  #
+                HEAD_DIM, BLOCK_N, MASS_W, 2, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+                DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+                acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, mid, diag_lo,  #
+                HEAD_DIM, BLOCK_N, MASS_W, 0, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+                DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+                acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, diag_lo, hi,  #
+                HEAD_DIM, BLOCK_N, MASS_W, 2, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+                DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+        else:
+            acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+                acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, 0, diag_lo,  #
+                HEAD_DIM, BLOCK_N, MASS_W, 0, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+                DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+            acc, l_i, m_i, mass_acc = _attn_fwd_inner(
+                acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+                blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN,
+                causal_offset, diag_lo, diag_hi,  #
+                HEAD_DIM, BLOCK_N, MASS_W, 1, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+                DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
+    elif WINDOW > 0:  # non-causal with a window: keys before the first row's window are skipped, the rest masked
+        lo = (tl.maximum(start_m + causal_offset - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i, mass_acc = _attn_fwd_inner(
-            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0, diag_lo,  #
-            HEAD_DIM, BLOCK_N, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
-            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION)
-        acc, l_i, m_i, mass_acc = _attn_fwd_inner(
-            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, diag_lo,
-            diag_hi,  #
-            HEAD_DIM, BLOCK_N, MASS_W, True, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
-            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION)
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+            blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset,
+            tl.minimum(lo, K_LEN), K_LEN,  #
+            HEAD_DIM, BLOCK_N, MASS_W, 3, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
     else:
         acc, l_i, m_i, mass_acc = _attn_fwd_inner(
-            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,  #
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset, 0, K_LEN,  #
-            HEAD_DIM, BLOCK_N, MASS_W, False, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
-            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION)
+            acc, l_i, m_i, mass_acc, q, en, offs_m, offs_d, k_base, v_base, kv_base, cat_base, tc_base, WTAB,
+            blk_base, qblk, stride_kn, stride_kd, stride_vn, stride_vd, stride_kvr, qk_scale, K_LEN, causal_offset,
+            0, K_LEN,  #
+            HEAD_DIM, BLOCK_N, MASS_W, 0, TRANSFORM, ALL_EN, HAS_MUL, HAS_ABS, RAW_W, RETURN_MASS, MASS_PATH,
+            DOT_DTYPE, MASS_DTYPE, DOT_PRECISION, BLOCKS, WINDOW)
 
     # epilogue: rows that saw no key (l == 0) give out = 0, mass = 0, lse = -inf
     empty = l_i == 0.0
@@ -226,7 +287,7 @@ FWD_CONFIGS = [
 ]
 
 _FWD_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "GROUP", "CAUSAL", "TRANSFORM", "ALL_EN", "HAS_MUL", "HAS_ABS",
-                 "RAW_W", "RETURN_MASS", "DOT_DTYPE"]
+                 "RAW_W", "RETURN_MASS", "DOT_DTYPE", "BLOCKS", "WINDOW"]
 _category_attn_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=_FWD_TUNE_KEY,
                                            prune_configs_by={"early_config_prune": prune_by_rows("BLOCK_M")})(
     _category_attn_fwd)
@@ -240,7 +301,7 @@ def forward_launch(q, k, v, ops: KernelOperands, out, lse, mass, *, scale: float
     B, Hq, Q, D = q.shape
     Hkv, K = k.shape[1], k.shape[2]
     ddt = dot_dtype(q.dtype)
-    args = (q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, out, lse,
+    args = (q, k, v, ops.cat, ops.kv, ops.tc, ops.wtab, ops.row_en, ops.head_en, ops.blk, out, lse,
             lse if mass is None else mass, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), ops.cat.stride(0), ops.kv.stride(0),
             ops.tc.stride(0), ops.tc.stride(1), Hq, Q, K, length_bucket(Q), length_bucket(K))

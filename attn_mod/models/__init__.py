@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import ChatMLAdapter, FamilyAdapter
+from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -11,7 +12,8 @@ from .mllama import MllamaAdapter
 from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
 
 ADAPTERS: tuple[FamilyAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen3VLAdapter(), LlavaAdapter(), InternVLAdapter(),
-                                       MllamaAdapter(), Idefics3Adapter(), SmolVLMAdapter(), LlavaOnevisionAdapter())
+                                       MllamaAdapter(), Idefics3Adapter(), SmolVLMAdapter(), LlavaOnevisionAdapter(),
+                                       Gemma3Adapter())
 SUPPORTED_FAMILIES = tuple(a.name for a in ADAPTERS)
 
 

@@ -57,6 +57,11 @@ class FamilyAdapter:
         """A labeler for this family, or None when categories must be passed explicitly."""
         return None
 
+    def block_ids(self, inputs: dict) -> torch.Tensor | None:
+        """(B, S) int32 bidirectional block ids of a prefill's tokens (kernels/spec.py; 0 = none) from the forward's
+        keyword inputs, or None for a causal-only family (the default)."""
+        return None
+
     def box_geometry(self, processor, config=None):
         """The geometry pixel boxes need, validated now (raises when boxes cannot work for this processor).
         Default: a Qwen-style merged patch grid (`attn_mod.regions.geometry_for`)."""

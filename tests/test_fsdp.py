@@ -238,3 +238,33 @@ def test_sharded_and_unsharded_checkpoints_do_not_cross_load(tmp_path):
                                                            optimizer=opt, scheduler=sched)
     assert torch.equal(model.weight, before) and torch.equal(torch.get_rng_state(), rng)
     assert Checkpointer.read_state(tmp_path / "ck" / "step-0000001").sharded is False
+
+
+@pytest.mark.slow
+def test_fsdp_grpo_equals_ddp_two_processes(runs):
+    """GRPO under FSDP (generate gathers the root shard group, whose vision encoder it calls outside the forward,
+    and runs synchronised forwards) equals the same 2-process run under DDP (same seeds: the same rollouts)."""
+    root, data = runs
+    grpo = ROOT / "configs" / "train" / "tiny_grpo.yaml"
+    base = [grpo, f"data.train={data}", "schedule.max_steps=2"]
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
+           "127.0.0.1", "--main_process_port", str(_free_port()), str(ENTRY), "train", *map(str, base),
+           f"output_dir={root / 'grpo_ddp'}"]
+    proc = subprocess.run(ddp, env=_fsdp_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _fsdp(base + [f"output_dir={root / 'grpo_fsdp'}"])
+    r_ddp, r_fsdp = read_jsonl(root / "grpo_ddp" / "metrics.jsonl"), read_jsonl(root / "grpo_fsdp" / "metrics.jsonl")
+    assert len(r_ddp) == len(r_fsdp) == 2
+    for a, b in zip(r_ddp, r_fsdp):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    w1 = load_file(root / "grpo_ddp" / "final" / "model.safetensors")
+    w2 = load_file(root / "grpo_fsdp" / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    assert all(0 < r["completion_length"] <= 8 for r in r_fsdp)
+    assert (root / "grpo_fsdp" / "checkpoints" / "step-0000002" / "shards" / "__1_0.distcp").is_file()  # sharded
+    assert (root / "grpo_ddp" / "checkpoints" / "step-0000002" / "weights.safetensors").is_file()

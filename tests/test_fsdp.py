@@ -1,6 +1,7 @@
 """FSDP2 under `accelerate launch` (2 CPU processes, gloo): same losses, masses and final weights as one process
-with the same global batch, really sharded checkpoints, SIGKILL + --resume reproducing the uninterrupted run,
-bf16 mixed precision; and the launch configurations that are refused with a reason."""
+with the same global batch (with gradient checkpointing), really sharded checkpoints, SIGKILL + --resume
+reproducing the uninterrupted run, bf16 mixed precision, GRPO equal to DDP; and the launch configurations that
+are refused with a reason."""
 
 from __future__ import annotations
 
@@ -57,13 +58,15 @@ def _one(args, **extra):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process with accumulation 2 and FSDP over 2 processes with accumulation 1: same global batch (4)."""
+    """One process with accumulation 2 and FSDP over 2 processes with accumulation 1: same global batch (4). The
+    FSDP run also uses gradient checkpointing (non-reentrant; the masses are still recorded once per forward)."""
     root = tmp_path_factory.mktemp("fsdp")
     data = make_data(root / "data", 8)
     base = [TINY_SFT, f"data.train={data}", "schedule.max_steps=3", "schedule.batch_size=2", "checkpoint.every=2"]
     _one(base + [f"output_dir={root / 'one'}", "schedule.gradient_accumulation_steps=2"],
          ATTN_MOD_TEST_DUMP_MASSES=str(root / "masses_one"))
-    _fsdp(base + [f"output_dir={root / 'two'}"], ATTN_MOD_TEST_DUMP_MASSES=str(root / "masses_two"))
+    _fsdp(base + [f"output_dir={root / 'two'}", "model.gradient_checkpointing=true"],
+          ATTN_MOD_TEST_DUMP_MASSES=str(root / "masses_two"))
     return root, data
 
 

@@ -14,7 +14,11 @@ num_processes samples. Sample t of the run (t = 0, 1, ...) is position t mod N o
 t // N (seeded by schedule.seed and the epoch), so the data position is a function of the step and resume needs
 nothing else. Micro-batch k = m * num_processes + rank of step s (m = accumulation index) holds samples
 t = s*G + k*batch_size ... + batch_size - 1: one process with accumulation 2 sees exactly the micro-batches two
-processes see. The step loss is the mean of the micro-batch losses (DDP averages across processes).
+processes see. The step loss is the mean of the micro-batch losses (DDP / FSDP average across processes).
+
+Distribution (accelerate launch): one process, DDP, or FSDP2 (`configs/accelerate/fsdp.yaml`; parameters,
+gradients and optimizer state sharded, one shard group per language-model decoder layer, sharded checkpoints,
+OUT/final gathered on rank 0). DeepSpeed, Megatron-LM and XLA are refused at setup (`_setup_accelerator`).
 
 Outputs: OUT/metrics.jsonl (one object per optimizer step, fsynced; `metric_keys`), OUT/checkpoints/ (atomic,
 see checkpoint.py), OUT/final/ (a loadable model directory, or the LoRA adapter), OUT/config.yaml,
@@ -152,10 +156,10 @@ class Recipe:
         if kind == "DEEPSPEED":
             raise NotImplementedError(
                 "attn-mod train does not support DeepSpeed yet: its ZeRO checkpoints (partitioned weights and "
-                "optimizer state) are not wired into attn_mod.trainers.checkpoint and could not be tested here "
-                "(DeepSpeed is not installed in the CPU environment, and ZeRO needs an accelerator device), so "
-                "resume would be unverified. Use FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml), "
-                "DDP, or LoRA (lora.enabled: true) to fit a large model.")
+                "optimizer state) are not wired into attn_mod.trainers.checkpoint, and no DeepSpeed run could be "
+                "tested on the CPU-only CI (deepspeed is not installed there, and accelerate 1.15 never selects "
+                "DeepSpeed for CPU processes), so resume would be unverified. Use FSDP (accelerate launch "
+                "--config_file configs/accelerate/fsdp.yaml), DDP, or LoRA (lora.enabled: true) to fit a large model.")
         if kind in ("MEGATRON_LM", "XLA"):
             raise NotImplementedError(
                 f"attn-mod train runs single-process, DDP or FSDP2; {kind} is not supported: its checkpoints are "

@@ -23,6 +23,7 @@ from train_helpers import ENTRY, ROOT, TINY_SFT, env, make_data
 from attn_mod.jsonl import read_jsonl
 
 FSDP_YAML = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+DDP_YAML = ROOT / "configs" / "accelerate" / "ddp.yaml"
 LOSSES = ("loss", "loss_lm", "loss_img", "loss_sys")
 
 
@@ -246,17 +247,19 @@ def test_sharded_and_unsharded_checkpoints_do_not_cross_load(tmp_path):
 @pytest.mark.slow
 def test_fsdp_grpo_equals_ddp_two_processes(runs):
     """GRPO under FSDP (generate gathers the root shard group, whose vision encoder it calls outside the forward,
-    and runs synchronised forwards) equals the same 2-process run under DDP (same seeds: the same rollouts)."""
+    and runs synchronised forwards) equals the same 2-process run under DDP (same seeds: the same rollouts).
+    Both launch with the shipped recipes, configs/accelerate/{fsdp,ddp}.yaml."""
     root, data = runs
     grpo = ROOT / "configs" / "train" / "tiny_grpo.yaml"
     base = [grpo, f"data.train={data}", "schedule.max_steps=2"]
-    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
-           "127.0.0.1", "--main_process_port", str(_free_port()), str(ENTRY), "train", *map(str, base),
-           f"output_dir={root / 'grpo_ddp'}"]
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_YAML), "--num_processes",
+           "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(ENTRY), "train",
+           *map(str, base), f"output_dir={root / 'grpo_ddp'}"]
     proc = subprocess.run(ddp, env=_fsdp_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _fsdp(base + [f"output_dir={root / 'grpo_fsdp'}"])
+    for run in ("grpo_ddp", "grpo_fsdp"):
+        assert json.loads((root / run / "data_stats.json").read_text())["num_processes"] == 2
     r_ddp, r_fsdp = read_jsonl(root / "grpo_ddp" / "metrics.jsonl"), read_jsonl(root / "grpo_fsdp" / "metrics.jsonl")
     assert len(r_ddp) == len(r_fsdp) == 2
     for a, b in zip(r_ddp, r_fsdp):

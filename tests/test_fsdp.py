@@ -134,6 +134,19 @@ def test_fsdp_attention_masses_equal_one_process(runs):
         torch.testing.assert_close(got["masses"], want["masses"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_sharded_checkpointer_is_atomic_and_exact(tmp_path):
+    """The sharded Checkpointer on a small fully_shard model over 2 gloo processes (tests/_fsdp_checkpoint_worker.py):
+    a save whose shard write fails on one rank publishes nothing; the last good checkpoint restores weights, AdamW
+    moments, scheduler and RNG exactly into still-sharded parameters; another model's checkpoint is refused."""
+    worker = Path(__file__).resolve().parent / "_fsdp_checkpoint_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(tmp_path)], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.glob("ok-rank*")) == ["ok-rank0", "ok-rank1"]
+
+
 def _kill_when(proc, out: Path, rows: int) -> None:
     deadline = time.time() + 300
     try:

@@ -134,6 +134,49 @@ def test_fsdp_attention_masses_equal_one_process(runs):
         torch.testing.assert_close(got["masses"], want["masses"], rtol=1e-5, atol=1e-7)
 
 
+def _tied_model(folder: Path) -> Path:
+    """The tiny Qwen2.5-VL saved with tie_word_embeddings (lm_head = embed_tokens), as Qwen2.5-VL-3B."""
+    from safetensors.torch import save_file
+
+    from attn_mod.tiny import save_tiny
+
+    path = save_tiny("qwen2_5_vl", folder)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    cfg.setdefault("text_config", {})["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(path / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.slow
+def test_fsdp_tied_embeddings_final_equals_one_process(runs):
+    """Tied input / output embeddings (one FSDP group for both, accelerate): same losses and the same final
+    directory as one process, the tied weight stored once."""
+    from attn_mod.loading import load_model
+
+    root, data = runs
+    tied = _tied_model(root / "tied_model")
+    model, _ = load_model(tied)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    base = [TINY_SFT, f"data.train={data}", "schedule.max_steps=2", "schedule.batch_size=2", "checkpoint.every=0",
+            "model.tiny=null", f"model.path={tied}"]
+    _one(base + [f"output_dir={root / 'tied_one'}", "schedule.gradient_accumulation_steps=2"])
+    _fsdp(base + [f"output_dir={root / 'tied_two'}"])
+    for a, b in zip(read_jsonl(root / "tied_one" / "metrics.jsonl"), read_jsonl(root / "tied_two" / "metrics.jsonl")):
+        for k in LOSSES:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    w1 = load_file(root / "tied_one" / "final" / "model.safetensors")
+    w2 = load_file(root / "tied_two" / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys() and "lm_head.weight" not in w2
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    model, _ = load_model(root / "tied_two" / "final")
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+
+
 @pytest.mark.slow
 def test_sharded_checkpointer_is_atomic_and_exact(tmp_path):
     """The sharded Checkpointer on a small fully_shard model over 2 gloo processes (tests/_fsdp_checkpoint_worker.py):

@@ -244,41 +244,45 @@ def _sft_cfg(tmp_path, *overrides):
     return load_train_config(TINY_SFT, [f"data.train={data}", f"output_dir={tmp_path / 'out'}", *overrides])
 
 
-def _fake_accelerator(monkeypatch, kind, fsdp_version=2):
+def _fake_accelerator(monkeypatch, kind, **plugin):
+    """accelerate.Accelerator replaced by one reporting `kind` and an FSDP plugin built from the FSDP_* variables
+    as the launcher sets them (FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, FSDP_ACTIVATION_CHECKPOINTING ...)."""
     import types
 
     import accelerate
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    env = {"FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", **plugin}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fsdp = FullyShardedDataParallelPlugin() if kind == "FSDP" else None
 
     class FakeAccelerator:
         def __init__(self, **kw):
             self.distributed_type = getattr(accelerate.DistributedType, kind)
-            self.state = types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=fsdp_version))
+            self.state = types.SimpleNamespace(fsdp_plugin=fsdp)
 
     monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
 
 
-@pytest.mark.parametrize("kind, overrides, match", [
-    ("DEEPSPEED", [], "does not support DeepSpeed yet: its ZeRO checkpoints"),
-    ("MEGATRON_LM", [], "MEGATRON_LM is not supported"),
-    ("FSDP", ["lora.enabled=true"], "LoRA with FSDP is not supported yet"),
-    ("FSDP", ["model.freeze_vision=false"], "trainable vision tower is not supported"),
+@pytest.mark.parametrize("kind, overrides, plugin, match", [
+    ("DEEPSPEED", [], {}, "does not support DeepSpeed yet: its ZeRO checkpoints"),
+    ("MEGATRON_LM", [], {}, "MEGATRON_LM is not supported"),
+    ("FSDP", [], {"FSDP_VERSION": "1"}, "FSDP version 2 only"),
+    ("FSDP", ["lora.enabled=true"], {}, "LoRA with FSDP is not supported yet"),
+    ("FSDP", ["model.freeze_vision=false"], {}, "trainable vision tower is not supported"),
+    ("FSDP", [], {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "100"}, "SIZE_BASED_WRAP"),
+    ("FSDP", [], {"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "use model.gradient_checkpointing"),
 ])
-def test_unsupported_distributed_setups_are_refused_before_any_work(tmp_path, monkeypatch, kind, overrides, match):
+def test_unsupported_distributed_setups_are_refused_before_any_work(tmp_path, monkeypatch, kind, overrides, plugin,
+                                                                    match):
     from attn_mod.trainers.sft import SFTRecipe
 
-    _fake_accelerator(monkeypatch, kind)
+    _fake_accelerator(monkeypatch, kind, **plugin)
     recipe = SFTRecipe(_sft_cfg(tmp_path, *overrides))
     with pytest.raises(NotImplementedError, match=match):
         recipe.setup()
     assert not (tmp_path / "out").exists()
-
-
-def test_fsdp1_is_refused(tmp_path, monkeypatch):
-    from attn_mod.trainers.sft import SFTRecipe
-
-    _fake_accelerator(monkeypatch, "FSDP", fsdp_version=1)
-    with pytest.raises(NotImplementedError, match="FSDP version 2 only"):
-        SFTRecipe(_sft_cfg(tmp_path)).setup()
 
 
 def test_sharded_and_unsharded_checkpoints_do_not_cross_load(tmp_path):
@@ -330,3 +334,30 @@ def test_fsdp_grpo_equals_ddp_two_processes(runs):
     assert all(0 < r["completion_length"] <= 8 for r in r_fsdp)
     assert (root / "grpo_fsdp" / "checkpoints" / "step-0000002" / "shards" / "__1_0.distcp").is_file()  # sharded
     assert (root / "grpo_ddp" / "checkpoints" / "step-0000002" / "weights.safetensors").is_file()
+
+
+def test_fsdp_shard_groups_are_the_language_decoder_layers(tmp_path, monkeypatch):
+    """Default groups: the language model's decoder layers only (never a vision block); naming a vision-tower
+    class explicitly is an error naming the fix."""
+    import types
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from attn_mod.tiny import build_tiny
+    from attn_mod.trainers.sft import SFTRecipe
+
+    recipe = SFTRecipe(_sft_cfg(tmp_path))
+    recipe.model, _ = build_tiny("qwen2_5_vl", seed=0)
+    assert set(recipe.model._no_split_modules) == {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"}
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    for names, want in [(None, ["Qwen2_5_VLDecoderLayer"]), ("Qwen2_5_VLDecoderLayer,Qwen2_5_VLVisionBlock", None)]:
+        if names:
+            monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", names)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        recipe.accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin))
+        if want:
+            recipe._set_fsdp_groups()
+            assert plugin.transformer_cls_names_to_wrap == want
+        else:
+            with pytest.raises(ValueError, match=r"vision-tower classes \['Qwen2_5_VLVisionBlock'\]"):
+                recipe._set_fsdp_groups()

@@ -179,6 +179,17 @@ class Recipe:
                     "FSDP with a trainable vision tower is not supported: a text-only micro-batch on one process "
                     "gives its vision weights no gradient there, so the processes' gradient reduce-scatters differ "
                     "(FSDP has no find_unused_parameters). Keep model.freeze_vision: true under FSDP, or use DDP")
+            from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+            plugin = acc.state.fsdp_plugin
+            if plugin.auto_wrap_policy is size_based_auto_wrap_policy:
+                raise NotImplementedError(
+                    "fsdp_auto_wrap_policy SIZE_BASED_WRAP is not supported: it can make a vision block a shard group "
+                    "of its own (see Recipe._set_fsdp_groups); use TRANSFORMER_BASED_WRAP (configs/accelerate/fsdp.yaml)")
+            if plugin.activation_checkpointing:
+                raise NotImplementedError(
+                    "fsdp_activation_checkpointing is not supported (untested with the attention-mass recording): set "
+                    "it to false and use model.gradient_checkpointing: true in the training config")
         set_seed(self.cfg.schedule.seed, device_specific=True)
         return acc
 
@@ -187,12 +198,9 @@ class Recipe:
         final-norm / lm_head groups; the root group holds the rest, the vision tower included). A block that runs
         only for some batches must not be a group of its own: a text-only micro-batch skips the vision blocks, so
         their all-gathers would run on some processes only (gloo: collective mismatch; NCCL: a hang)."""
-        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
         plugin = self.accelerator.state.fsdp_plugin
-        if plugin.auto_wrap_policy is size_based_auto_wrap_policy:
-            raise NotImplementedError("fsdp_auto_wrap_policy SIZE_BASED_WRAP can make a vision block a shard group "
-                                      "of its own (see above); use TRANSFORMER_BASED_WRAP (configs/accelerate/fsdp.yaml)")
         if plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
             return  # NO_WRAP: one group (the root)
         in_vision = {type(m).__name__ for n, m in self.model.named_modules() if any(k in n for k in VISION_PARAM_KEYS)}

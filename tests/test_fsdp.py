@@ -1,7 +1,7 @@
 """FSDP2 under `accelerate launch` (2 CPU processes, gloo): same losses, masses and final weights as one process
 with the same global batch (with gradient checkpointing), really sharded checkpoints, SIGKILL + --resume
-reproducing the uninterrupted run, bf16 mixed precision, GRPO equal to DDP; and the launch configurations that
-are refused with a reason."""
+reproducing the uninterrupted run, bf16 mixed precision, LoRA, GRPO equal to DDP; and the launch configurations
+that are refused with a reason."""
 
 from __future__ import annotations
 
@@ -132,6 +132,44 @@ def test_fsdp_attention_masses_equal_one_process(runs):
         assert torch.equal(got["key_cats"], want["key_cats"]) and torch.equal(got["rows"], want["rows"])
         assert float(want["masses"].sum()) > 0
         torch.testing.assert_close(got["masses"], want["masses"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_matches_one_process_and_resumes_exactly(runs):
+    """LoRA under FSDP: the same losses and adapter as one process; checkpoints hold only the adapter's shards
+    (and its optimizer state); resuming from step 2 gives the uninterrupted run's rows and adapter exactly."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    root, data = runs
+    base = [TINY_SFT, f"data.train={data}", "schedule.max_steps=4", "schedule.batch_size=2", "checkpoint.every=2",
+            "checkpoint.keep=5", "lora.enabled=true", "lora.r=4"]
+    one, two, res = root / "lora_one", root / "lora_two", root / "lora_resumed"
+    _one(base + [f"output_dir={one}", "schedule.gradient_accumulation_steps=2"])
+    _fsdp(base + [f"output_dir={two}"])
+    for a, b in zip(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"), strict=True):
+        for k in LOSSES:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert sorted(p.name for p in (one / "final").iterdir()) == sorted(p.name for p in (two / "final").iterdir())
+    assert json.loads((one / "final" / "adapter_config.json").read_text()) == json.loads(
+        (two / "final" / "adapter_config.json").read_text())
+    a1, a2 = load_file(one / "final" / "adapter_model.safetensors"), load_file(two / "final" / "adapter_model.safetensors")
+    assert a1.keys() == a2.keys() and a1 and all("lora_" in k for k in a1)
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6)
+    meta = dcp.FileSystemReader(two / "checkpoints" / "step-0000002" / "shards").read_metadata().state_dict_metadata
+    saved = {k[len("model."):] for k in meta if k.startswith("model.")}
+    assert saved == set(load_file(one / "checkpoints" / "step-0000002" / "weights.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    # as if killed after step 4's metrics row, before its checkpoint
+    shutil.copytree(two, res)
+    shutil.rmtree(res / "checkpoints" / "step-0000004")
+    shutil.rmtree(res / "final")
+    assert "resumed from" in _fsdp(base + [f"output_dir={res}", "--resume"]).stdout
+    assert read_jsonl(res / "metrics.jsonl") == read_jsonl(two / "metrics.jsonl")
+    r = load_file(res / "final" / "adapter_model.safetensors")
+    assert r.keys() == a2.keys() and all(torch.equal(r[k], a2[k]) for k in r)
 
 
 def _tied_model(folder: Path) -> Path:
@@ -269,7 +307,6 @@ def _fake_accelerator(monkeypatch, kind, **plugin):
     ("DEEPSPEED", [], {}, "does not support DeepSpeed yet: its ZeRO checkpoints"),
     ("MEGATRON_LM", [], {}, "MEGATRON_LM is not supported"),
     ("FSDP", [], {"FSDP_VERSION": "1"}, "FSDP version 2 only"),
-    ("FSDP", ["lora.enabled=true"], {}, "LoRA with FSDP is not supported yet"),
     ("FSDP", ["model.freeze_vision=false"], {}, "trainable vision tower is not supported"),
     ("FSDP", [], {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "100"}, "SIZE_BASED_WRAP"),
     ("FSDP", [], {"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "use model.gradient_checkpointing"),
@@ -305,35 +342,42 @@ def test_sharded_and_unsharded_checkpoints_do_not_cross_load(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_grpo_equals_ddp_two_processes(runs):
+@pytest.mark.parametrize("variant", ["full", "lora_kl"])
+def test_fsdp_grpo_equals_ddp_two_processes(runs, variant):
     """GRPO under FSDP (generate gathers the root shard group, whose vision encoder it calls outside the forward,
     and runs synchronised forwards) equals the same 2-process run under DDP (same seeds: the same rollouts).
-    Both launch with the shipped recipes, configs/accelerate/{fsdp,ddp}.yaml."""
+    Both launch with the shipped recipes, configs/accelerate/{fsdp,ddp}.yaml. `lora_kl`: LoRA with a k3 KL to the
+    disabled adapter."""
     root, data = runs
     grpo = ROOT / "configs" / "train" / "tiny_grpo.yaml"
     base = [grpo, f"data.train={data}", "schedule.max_steps=2"]
+    if variant == "lora_kl":  # the reference policy is the disabled adapter (SAYO recipe's setup)
+        base += ["lora.enabled=true", "lora.r=4", "objective.beta=0.001"]
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_YAML), "--num_processes",
            "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(ENTRY), "train",
-           *map(str, base), f"output_dir={root / 'grpo_ddp'}"]
+           *map(str, base), f"output_dir={root / f'grpo_ddp_{variant}'}"]
     proc = subprocess.run(ddp, env=_fsdp_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    _fsdp(base + [f"output_dir={root / 'grpo_fsdp'}"])
-    for run in ("grpo_ddp", "grpo_fsdp"):
-        assert json.loads((root / run / "data_stats.json").read_text())["num_processes"] == 2
-    r_ddp, r_fsdp = read_jsonl(root / "grpo_ddp" / "metrics.jsonl"), read_jsonl(root / "grpo_fsdp" / "metrics.jsonl")
+    _fsdp(base + [f"output_dir={root / f'grpo_fsdp_{variant}'}"])
+    ddp_out, fsdp_out = root / f"grpo_ddp_{variant}", root / f"grpo_fsdp_{variant}"
+    for run in (ddp_out, fsdp_out):
+        assert json.loads((run / "data_stats.json").read_text())["num_processes"] == 2
+    r_ddp, r_fsdp = read_jsonl(ddp_out / "metrics.jsonl"), read_jsonl(fsdp_out / "metrics.jsonl")
     assert len(r_ddp) == len(r_fsdp) == 2
     for a, b in zip(r_ddp, r_fsdp):
         assert a.keys() == b.keys()
         for k in a:
             assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
-    w1 = load_file(root / "grpo_ddp" / "final" / "model.safetensors")
-    w2 = load_file(root / "grpo_fsdp" / "final" / "model.safetensors")
-    assert w1.keys() == w2.keys()
+    weights = "adapter_model.safetensors" if variant == "lora_kl" else "model.safetensors"
+    w1, w2 = load_file(ddp_out / "final" / weights), load_file(fsdp_out / "final" / weights)
+    assert w1.keys() == w2.keys() and len(w1) > 0
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     assert all(0 < r["completion_length"] <= 8 for r in r_fsdp)
-    assert (root / "grpo_fsdp" / "checkpoints" / "step-0000002" / "shards" / "__1_0.distcp").is_file()  # sharded
-    assert (root / "grpo_ddp" / "checkpoints" / "step-0000002" / "weights.safetensors").is_file()
+    assert (fsdp_out / "checkpoints" / "step-0000002" / "shards" / "__1_0.distcp").is_file()  # sharded
+    assert (ddp_out / "checkpoints" / "step-0000002" / "weights.safetensors").is_file()
+    if variant == "lora_kl":
+        assert all(r["kl"] is not None and r["kl"] >= 0 for r in r_fsdp) and r_fsdp[1]["kl"] > 0
 
 
 def test_fsdp_shard_groups_are_the_language_decoder_layers(tmp_path, monkeypatch):

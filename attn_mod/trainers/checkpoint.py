@@ -89,13 +89,15 @@ def sharded_state(model: torch.nn.Module, optimizer) -> dict:
     return {"model": msd, "optim": osd}
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full state dict (every parameter and buffer, unsharded, on CPU) of an FSDP2 model, on rank 0 (other
-    ranks get {}). Collective: every rank must call it. Tied parameters (e.g. lm_head = embed_tokens) come back
-    as ONE tensor under each of their names, as in `model.state_dict()`, so `save_pretrained` stores it once."""
+def full_model_state(model: torch.nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full state dict (every parameter and buffer, or the trainable parameters only, unsharded, on CPU) of
+    an FSDP2 model, on rank 0 (other ranks get {}). Collective: every rank must call it. Tied parameters (e.g.
+    lm_head = embed_tokens) come back as ONE tensor under each of their names, as in `model.state_dict()`, so
+    `save_pretrained` stores it once."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    full = get_model_state_dict(model, options=options)
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in first and name in full and first[id(p)] in full:

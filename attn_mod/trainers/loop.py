@@ -170,10 +170,6 @@ class Recipe:
                     "attn-mod train supports FSDP version 2 only (torch fully_shard; its checkpoints are what "
                     "attn_mod.trainers.checkpoint writes): set fsdp_config.fsdp_version: 2 in the accelerate config "
                     "(configs/accelerate/fsdp.yaml) or pass --fsdp_version 2")
-            if self.cfg.lora.enabled:
-                raise NotImplementedError(
-                    "LoRA with FSDP is not supported yet (the adapter's sharded save and the disabled-adapter "
-                    "reference are untested under fully_shard): use LoRA with DDP / one process, or FSDP without LoRA")
             if not self.cfg.model.freeze_vision:
                 raise NotImplementedError(
                     "FSDP with a trainable vision tower is not supported: a text-only micro-batch on one process "
@@ -485,22 +481,21 @@ class Recipe:
         final = self.out / "final"
         self.accelerator.wait_for_everyone()
         # FSDP: gather the full (unsharded) state dict on rank 0 (collective), saved as a normal HF directory
-        full = full_model_state(self.model) if self.sharded else None
+        # (LoRA: the trainable parameters, i.e. the adapter, only)
+        full = full_model_state(self.model, trainable_only=self.peft_model is not None) if self.sharded else None
         if self.is_main:
             import shutil
 
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             self.handle.remove()  # save the plain model (attention implementation restored)
-            if self.peft_model is not None:
-                self.peft_model.save_pretrained(tmp)
-            else:
-                if self.sharded:
-                    with unsharded_classes(self.model):
-                        self.model.save_pretrained(tmp, state_dict=full)
+            with unsharded_classes(self.model) if self.sharded else nullcontext():
+                if self.peft_model is not None:  # PeftModel keys: base_model.model. + the HF model's names
+                    kw = {"state_dict": {f"base_model.model.{k}": v for k, v in full.items()}} if self.sharded else {}
+                    self.peft_model.save_pretrained(tmp, **kw)
                 else:
-                    self.model.save_pretrained(tmp)
-                self._save_processor(tmp)
+                    self.model.save_pretrained(tmp, state_dict=full)  # None: the model's own state dict
+                    self._save_processor(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         self.accelerator.wait_for_everyone()

@@ -34,9 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
-
-
-SHARDS = "shards"
+SHARDS = "shards"  # the DCP folder of a sharded checkpoint
 
 
 @dataclass

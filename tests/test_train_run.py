@@ -1,4 +1,5 @@
-"""Trainer core: config validation, NaN stop, gradient checkpointing, LoRA, SIGKILL + resume, 2-process DDP."""
+"""Trainer core: config validation, NaN stop, gradient checkpointing, LoRA, SIGKILL + resume, 2-process DDP
+(FSDP and the refused distributed setups: tests/test_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -357,22 +358,6 @@ def test_model_from_path_and_final_dir_loads_back(tmp_path):
     for n, p in params.items():
         torch.testing.assert_close(trained[n], p, rtol=0, atol=0)
     assert rows[0]["step"] == 1 and rows[0]["samples_img"] > 0
-
-
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_distributed_types_are_refused_before_any_work(tmp_path, monkeypatch, kind):
-    """FSDP / DeepSpeed checkpoints are not implemented: a clear NotImplementedError at setup, nothing written."""
-    import accelerate
-
-    class ShardedAccelerator:
-        def __init__(self, **kw):
-            self.distributed_type = getattr(accelerate.DistributedType, kind)
-
-    monkeypatch.setattr(accelerate, "Accelerator", ShardedAccelerator)
-    recipe = SFTRecipe(_cfg(tmp_path))
-    with pytest.raises(NotImplementedError, match=f"{kind} is not supported yet"):
-        recipe.setup()
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_resume_moves_rows_after_the_last_checkpoint_aside(tmp_path):

@@ -239,7 +239,17 @@ def generate_completions(model, prompts: Batch, samples: list, tokenizer, rollou
                          handle=None, eos_token_id=None, pad_token_id=None, suppress: Sequence[int] = ()
                          ) -> Completions:
     """Step 1: sample completions with `model.generate` (prompts must be left-padded); `suppress` ids are never
-    sampled (see `placeholder_token_ids`)."""
+    sampled (see `placeholder_token_ids`).
+
+    FSDP2 (`model` wrapped by `fully_shard`): the root shard group (vision tower included) is gathered for the
+    whole generation, because `generate` runs the vision encoder outside the model's forward; and with several
+    processes generation is synchronised (`synced_gpus`: a process whose completions ended keeps running forwards
+    until all are done, since every forward all-gathers the layers' shards on all processes). transformers does
+    not detect accelerate's FSDP2 wrapping by itself."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = isinstance(model, FSDPModule)
+    synced = sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     am = prompts.model_inputs["attention_mask"]
     if bool((am[:, -1] == 0).any()):
         raise ValueError("GRPO prompts must be left-padded (data.padding_side: left) for generation")
@@ -250,12 +260,16 @@ def generate_completions(model, prompts: Batch, samples: list, tokenizer, rollou
     pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
     was_training = model.training
     model.eval()
+    if sharded:
+        model.unshard()
     try:
         out = model.generate(**prompts.model_inputs, do_sample=True, temperature=rollout.temperature,
                              top_p=rollout.top_p, top_k=rollout.top_k if rollout.top_k is not None else 0,
                              max_new_tokens=rollout.max_completion_length, eos_token_id=eos, pad_token_id=pad,
-                             suppress_tokens=list(suppress) or None, use_cache=True)
+                             suppress_tokens=list(suppress) or None, use_cache=True, synced_gpus=synced)
     finally:
+        if sharded:
+            model.reshard()
         model.train(was_training)
     P = prompts.model_inputs["input_ids"].shape[1]
     comp = out[:, P:]

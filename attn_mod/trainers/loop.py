@@ -14,7 +14,11 @@ num_processes samples. Sample t of the run (t = 0, 1, ...) is position t mod N o
 t // N (seeded by schedule.seed and the epoch), so the data position is a function of the step and resume needs
 nothing else. Micro-batch k = m * num_processes + rank of step s (m = accumulation index) holds samples
 t = s*G + k*batch_size ... + batch_size - 1: one process with accumulation 2 sees exactly the micro-batches two
-processes see. The step loss is the mean of the micro-batch losses (DDP averages across processes).
+processes see. The step loss is the mean of the micro-batch losses (DDP / FSDP average across processes).
+
+Distribution (accelerate launch): one process, DDP, or FSDP2 (`configs/accelerate/fsdp.yaml`; parameters,
+gradients and optimizer state sharded, one shard group per language-model decoder layer, sharded checkpoints,
+OUT/final gathered on rank 0). DeepSpeed, Megatron-LM and XLA are refused at setup (`_setup_accelerator`).
 
 Outputs: OUT/metrics.jsonl (one object per optimizer step, fsynced; `metric_keys`), OUT/checkpoints/ (atomic,
 see checkpoint.py), OUT/final/ (a loadable model directory, or the LoRA adapter), OUT/config.yaml,
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +41,32 @@ from tqdm.auto import tqdm
 
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl_atomic
 from ..patch import patch
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, full_model_state, unsharded_classes
 from .config import TrainConfig
 from .data import Batch, Collator, EncodedDataset, load_train_samples
 
 VISION_PARAM_KEYS = ("visual.", "vision_tower", "vision_model", "multi_modal_projector")
+
+
+def _fsdp_on_cpu(acc) -> None:
+    """Honour an FSDP launch on CPU processes (`ACCELERATE_USE_CPU=true accelerate launch --config_file
+    configs/accelerate/fsdp.yaml ...`, gloo). accelerate 1.15 selects FSDP only for accelerator devices
+    (AcceleratorState: the FSDP branch sits under MULTI_GPU / NPU / XPU ...), so on CPU an FSDP launch silently
+    becomes MULTI_CPU data parallel with full replicas. torch's FSDP2 `fully_shard` runs on CPU with gloo, so the
+    state is set to FSDP with the plugin the launcher configured (FSDP_* environment variables); from there on
+    accelerate's own FSDP2 path (`prepare`, clip, no_sync) runs unchanged. On GPUs nothing changes here."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (wants_fsdp and acc.distributed_type == DistributedType.MULTI_CPU):
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 class TrainingStopped(RuntimeError):
@@ -104,10 +130,13 @@ class Recipe:
         self.total_steps = self._total_steps()
         self.optimizer = self._setup_optimizer()
         self.scheduler = self._setup_scheduler()
+        if self.accelerator.is_fsdp2:
+            self._set_fsdp_groups()
         self.module, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.sharded = bool(self.accelerator.is_fsdp2)  # FSDP2: DTensor parameters, sharded checkpoints
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep,
                                          rank=self.accelerator.process_index,
-                                         barrier=self.accelerator.wait_for_everyone)
+                                         barrier=self.accelerator.wait_for_everyone, sharded=self.sharded)
         self.metrics_path = self.out / "metrics.jsonl"
         self.superseded_path = self.out / "metrics.superseded.jsonl"
         self.setup_objective()
@@ -122,14 +151,63 @@ class Recipe:
         unused = not self.cfg.model.freeze_vision and not self.cfg.lora.enabled
         acc = Accelerator(mixed_precision=self.cfg.precision.mixed,
                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+        _fsdp_on_cpu(acc)
         kind = str(acc.distributed_type).rsplit(".", 1)[-1]
-        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        if kind == "DEEPSPEED":
             raise NotImplementedError(
-                f"attn-mod train runs single-process or DDP (accelerate launch --multi_gpu); {kind} is not supported "
-                "yet: its checkpoints (sharded weights and optimizer state) are not implemented, so resume would be "
-                "wrong. Use DDP, or LoRA (lora.enabled: true) to fit a large model.")
+                "attn-mod train does not support DeepSpeed yet: its ZeRO checkpoints (partitioned weights and "
+                "optimizer state) are not wired into attn_mod.trainers.checkpoint, and no DeepSpeed run could be "
+                "tested on the CPU-only CI (deepspeed is not installed there, and accelerate 1.15 never selects "
+                "DeepSpeed for CPU processes), so resume would be unverified. Use FSDP (accelerate launch "
+                "--config_file configs/accelerate/fsdp.yaml), DDP, or LoRA (lora.enabled: true) to fit a large model.")
+        if kind in ("MEGATRON_LM", "XLA"):
+            raise NotImplementedError(
+                f"attn-mod train runs single-process, DDP or FSDP2; {kind} is not supported: its checkpoints are "
+                "not implemented, so resume would be wrong. Use FSDP (configs/accelerate/fsdp.yaml) or DDP.")
+        if kind == "FSDP":
+            if acc.state.fsdp_plugin.fsdp_version != 2:
+                raise NotImplementedError(
+                    "attn-mod train supports FSDP version 2 only (torch fully_shard; its checkpoints are what "
+                    "attn_mod.trainers.checkpoint writes): set fsdp_config.fsdp_version: 2 in the accelerate config "
+                    "(configs/accelerate/fsdp.yaml) or pass --fsdp_version 2")
+            if not self.cfg.model.freeze_vision:
+                raise NotImplementedError(
+                    "FSDP with a trainable vision tower is not supported: a text-only micro-batch on one process "
+                    "gives its vision weights no gradient there, so the processes' gradient reduce-scatters differ "
+                    "(FSDP has no find_unused_parameters). Keep model.freeze_vision: true under FSDP, or use DDP")
+            from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+            plugin = acc.state.fsdp_plugin
+            if plugin.auto_wrap_policy is size_based_auto_wrap_policy:
+                raise NotImplementedError(
+                    "fsdp_auto_wrap_policy SIZE_BASED_WRAP is not supported: it can make a vision block a shard group "
+                    "of its own (see Recipe._set_fsdp_groups); use TRANSFORMER_BASED_WRAP (configs/accelerate/fsdp.yaml)")
+            if plugin.activation_checkpointing:
+                raise NotImplementedError(
+                    "fsdp_activation_checkpointing is not supported (untested with the attention-mass recording): set "
+                    "it to false and use model.gradient_checkpointing: true in the training config")
         set_seed(self.cfg.schedule.seed, device_specific=True)
         return acc
+
+    def _set_fsdp_groups(self) -> None:
+        """FSDP2 shard groups: one per language-model decoder layer (accelerate adds the embedding and the
+        final-norm / lm_head groups; the root group holds the rest, the vision tower included). A block that runs
+        only for some batches must not be a group of its own: a text-only micro-batch skips the vision blocks, so
+        their all-gathers would run on some processes only (gloo: collective mismatch; NCCL: a hang)."""
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+            return  # NO_WRAP: one group (the root)
+        in_vision = {type(m).__name__ for n, m in self.model.named_modules() if any(k in n for k in VISION_PARAM_KEYS)}
+        if plugin.transformer_cls_names_to_wrap is None:
+            plugin.transformer_cls_names_to_wrap = sorted(
+                c for c in (getattr(self.model, "_no_split_modules", None) or []) if c not in in_vision)
+        bad = sorted(set(plugin.transformer_cls_names_to_wrap) & in_vision)
+        if bad:
+            raise ValueError(f"fsdp_transformer_layer_cls_to_wrap names vision-tower classes {bad}: they do not run "
+                             "on a text-only batch, so they cannot be FSDP groups of their own. Name only the language "
+                             "model's decoder layer class, or leave the key unset (attn-mod picks it)")
 
     def _check_output_dir(self) -> None:
         has_run = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
@@ -402,17 +480,22 @@ class Recipe:
         """OUT/final: the full model + processor files (loadable by path), or the LoRA adapter."""
         final = self.out / "final"
         self.accelerator.wait_for_everyone()
+        # FSDP: gather the full (unsharded) state dict on rank 0 (collective), saved as a normal HF directory
+        # (LoRA: the trainable parameters, i.e. the adapter, only)
+        full = full_model_state(self.model, trainable_only=self.peft_model is not None) if self.sharded else None
         if self.is_main:
             import shutil
 
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             self.handle.remove()  # save the plain model (attention implementation restored)
-            if self.peft_model is not None:
-                self.peft_model.save_pretrained(tmp)
-            else:
-                self.model.save_pretrained(tmp)
-                self._save_processor(tmp)
+            with unsharded_classes(self.model) if self.sharded else nullcontext():
+                if self.peft_model is not None:  # PeftModel keys: base_model.model. + the HF model's names
+                    kw = {"state_dict": {f"base_model.model.{k}": v for k, v in full.items()}} if self.sharded else {}
+                    self.peft_model.save_pretrained(tmp, **kw)
+                else:
+                    self.model.save_pretrained(tmp, state_dict=full)  # None: the model's own state dict
+                    self._save_processor(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         self.accelerator.wait_for_everyone()

@@ -32,6 +32,10 @@ CAPTIONS = {
 }
 
 
+def _g(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", action="append", metavar="NAME=PATH", default=None,
@@ -180,8 +184,8 @@ def run(args) -> int:
         except ValueError as e:  # a benchmark without boxes
             print(f"{name}: no accuracy-by-attention plot ({e})")
         c = summary["checkpoints"][name]
-        print(f"{name}: accuracy {100 * c['accuracy']:.1f}% on {c['n']} questions, VAS {c['vas']}, "
-              f"target attention a {c['target_a']}")
+        print(f"{name}: accuracy {100 * c['accuracy']:.1f}% on {c['n']} questions, VAS {_g(c['vas'])}, "
+              f"target attention a {_g(c['target_a'])}")
     first_name, first_path = checkpoints[0]
     sweep = _sweep(first_path, data, out / "sweep", alpha=s["alpha"], beta=s["beta"], limit=s["sweep_samples"],
                    args=args)

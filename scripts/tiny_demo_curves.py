@@ -78,7 +78,11 @@ def main(argv=None) -> int:
                             "loss_lm": r.get("loss_lm"), "loss_img": r.get("loss_img"), "loss_sys": r.get("loss_sys")})
             offset += max(rows) if rows else 0
         curves[variant] = pts
-        training[variant] = {"wall_minutes_to_last_checkpoint": pts[-1].get("minutes"),
+        walls = {}  # scripts/train_tiny_demo.sh logs each stage's wall time; a rerun stage's last line counts
+        wall_file = root / variant / "wall.jsonl"
+        for r in (map(json.loads, wall_file.read_text().splitlines()) if wall_file.is_file() else ()):
+            walls[r["stage"]] = r["wall_s"]
+        training[variant] = {"stage_wall_s": walls, "wall_minutes": round(sum(walls.values()) / 60, 1),
                              "final_accuracy": pts[-1]["accuracy"], "steps": offset}
     (root / "curves.json").write_text(json.dumps(curves, indent=1))
     report.curves_plot(curves, path=root / "curves.png")

@@ -98,8 +98,8 @@ def curves_plot(curves: Mapping[str, Sequence[Mapping]], *, path, x: str = "step
         ax_loss.plot(xs, [p.get("loss_lm", p.get("loss")) or float("nan") for p in pts], color=line.get_color(),
                      label=name)  # the LM part: AGTO's total loss is negative (L_sys = +log m_sys)
         for prev, p in zip(pts, pts[1:]):
-            if p.get("stage") != prev.get("stage"):
-                ax_acc.axvline(p[x], color=line.get_color(), ls=":", lw=0.8)
+            if p.get("stage") != prev.get("stage") and prev.get("stage") != "init":
+                ax_acc.axvline(prev[x], color=line.get_color(), ls=":", lw=0.8)  # where the stage ended
     ax_acc.axhline(25, color="grey", ls="--", lw=0.8)
     ax_acc.set_ylim(0, 105)
     ax_acc.set_xlabel(x)
@@ -110,7 +110,7 @@ def curves_plot(curves: Mapping[str, Sequence[Mapping]], *, path, x: str = "step
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, frameon=False)
-    fig.suptitle(title or "learning curves (dotted: next stage; dashed: chance)", fontsize=10)
+    fig.suptitle(title or "learning curves (dotted: a stage ends; dashed: chance)", fontsize=10)
     return _save(fig, path)
 
 
@@ -123,7 +123,12 @@ def _text_block(text: str) -> str:
         c = c.strip()
         bold = c.startswith("**") and c.endswith("**") and len(c) > 4
         c = e(c[2:-2] if bold else c)
-        return f"<{tag}>{'<b>' + c + '</b>' if bold else c}</{tag}>"
+        try:  # numbers right-aligned (the CSS default), words left-aligned
+            float(c)
+            align = ""
+        except ValueError:
+            align = ' style="text-align:left"' if tag == "td" else ""
+        return f"<{tag}{align}>{'<b>' + c + '</b>' if bold else c}</{tag}>"
 
     def flush():
         if rows:

@@ -1,5 +1,6 @@
 """eval.generation: batched left-padded generation equals one-by-one generation."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,25 @@ def test_vlmevalkit_messages_keep_image_positions(tmp_path):
     assert vlm.last_output.token_ids == want.token_ids
     with pytest.raises(ValueError, match="one form"):
         vlm.generate([dict(type="text", value="see <image 1>"), dict(type="image", value=paths[0])], dataset="x")
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+def test_encode_batch_keeps_system_and_one_image_per_sample(family):
+    """A batch of two one-image requests equals each request alone (SmolVLM's processor reads a flat image list as
+    one sample's images), and the system prompt is rendered (OneVision's template drops string content)."""
+    from PIL import Image
+
+    from attn_mod.tiny import build_tiny
+
+    model, proc = build_tiny(family)
+    rng = np.random.default_rng(4)
+    ims = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((48, 64), (80, 40))]
+    reqs = [Request("What colour is it?", [ims[0]], system="Be brief and exact."),
+            Request("Which shape is it?", [ims[1]], system="Be brief and exact.")]
+    batch = encode_batch(proc, reqs, "cpu")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -1]
+        for i, r in enumerate(reqs):
+            alone = encode_batch(proc, [r], "cpu")
+            assert "Be brief and exact." in proc.tokenizer.decode(alone["input_ids"][0])
+            torch.testing.assert_close(logits[i], model(**alone).logits[0, -1], atol=1e-5, rtol=1e-5)

@@ -72,7 +72,8 @@ class Output:
 def chat_messages(req: Request) -> list[dict]:
     """Hugging Face chat messages: images at their ``<image N>`` markers, else first (see `Request.layout`)."""
     content = req.layout()[0]
-    messages = [{"role": "system", "content": req.system}] if req.system else []
+    # list content: some templates (llava-hf's LLaVA-OneVision) render only list content and drop a string
+    messages = [{"role": "system", "content": [{"type": "text", "text": req.system}]}] if req.system else []
     return messages + [{"role": "user", "content": content}]
 
 
@@ -80,14 +81,21 @@ def render_prompt(processor, req: Request) -> str:
     return processor.apply_chat_template(chat_messages(req), add_generation_prompt=True, tokenize=False)
 
 
+def _nests_images(processor) -> bool:
+    from transformers import Idefics3Processor, SmolVLMProcessor
+
+    return isinstance(processor, (Idefics3Processor, SmolVLMProcessor))
+
+
 def encode_batch(processor, requests: Sequence[Request], device) -> dict:
     """Left-padded processor inputs for `requests` on `device`."""
     tok = getattr(processor, "tokenizer", processor)
     texts = [render_prompt(processor, r) for r in requests]
-    images = [im for r in requests for im in r.placed_images()]
+    per_sample = [list(r.placed_images()) for r in requests]
+    images = [im for ims in per_sample for im in ims]
     kwargs = dict(text=texts, return_tensors="pt", padding=True)
-    if images:
-        kwargs["images"] = images
+    if images:  # Idefics3 / SmolVLM processors read a flat list as ONE sample's images: nest them per sample
+        kwargs["images"] = per_sample if _nests_images(processor) else images
     side = getattr(tok, "padding_side", "left")
     tok.padding_side = "left"  # decoder-only generation needs left padding; restored below
     try:

@@ -247,7 +247,7 @@ class PatchState:
         if self.labels is None or self.cross is None:
             raise RuntimeError("attn-mod has no labels for this cross-attention layer: the patched model's own "
                                "forward must run first")
-        cats_text, prompt_end = self._labels_on(k.device)
+        cats_text, prompt_end, _ = self._labels_on(k.device)  # no image blocks in Mllama's text
         K_text = cats_text.shape[1]
         transform = row_enable = head_enable = None
         if layer in self.active_layers:

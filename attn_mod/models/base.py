@@ -15,6 +15,21 @@ from ..regions import FAMILY_GEOMETRY, geometry_for
 Labeler = Callable[..., torch.Tensor]
 
 
+def marker_labeler(markers, *, mm_token_types: bool = True) -> Labeler:
+    """The labeler of a family whose categories follow from its role markers (`categories.label_tokens`).
+    `mm_token_types=False` ignores the processor's `mm_token_type_ids` (families whose mm ids also mark
+    template tokens, or that have none)."""
+
+    def label(input_ids, *, attention_mask=None, mm_token_type_ids=None, labels=None, target_mask=None,
+              options: LabelOptions = LabelOptions()):
+        return label_tokens(input_ids, markers, attention_mask=attention_mask,
+                            mm_token_type_ids=mm_token_type_ids if mm_token_types else None, labels=labels,
+                            target_mask=target_mask, options=options)
+
+    label.markers = markers
+    return label
+
+
 class FamilyAdapter:
     """Base adapter: a decoder reachable with `model.get_decoder()` whose layers have `.self_attn`."""
 
@@ -87,12 +102,4 @@ class ChatMLAdapter(FamilyAdapter):
         base = RoleMarkers.from_tokenizer(tokenizer, **({"visual_tokens": ()} if visual else {}))
         markers = RoleMarkers(base.turn_start, base.turn_end, base.system_header, base.assistant_header,
                               visual or base.visual_token_ids)
-
-        def label(input_ids, *, attention_mask=None, mm_token_type_ids=None, labels=None, target_mask=None,
-                  options: LabelOptions = LabelOptions()):
-            return label_tokens(input_ids, markers, attention_mask=attention_mask,
-                                mm_token_type_ids=mm_token_type_ids, labels=labels, target_mask=target_mask,
-                                options=options)
-
-        label.markers = markers
-        return label
+        return marker_labeler(markers)

@@ -41,9 +41,9 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ..categories import RESPONSE, SYSTEM, TEXT, LabelOptions, label_tokens
+from ..categories import RESPONSE, SYSTEM, TEXT
 from ..regions import cells_target_mask, image_hw
-from .base import FamilyAdapter
+from .base import FamilyAdapter, marker_labeler
 
 SENTINELS = ("\x00sys\x00", "\x00user\x00", "\x00answer\x00")
 
@@ -196,15 +196,8 @@ class Idefics3Adapter(FamilyAdapter):
                              "handle.set_categories(cats)")
         tokenizer = getattr(processor, "tokenizer", processor)
         markers = utterance_markers(tokenizer, image_token_id=int(model.config.image_token_id))
-
-        def label(input_ids, *, attention_mask=None, mm_token_type_ids=None, labels=None, target_mask=None,
-                  options: LabelOptions = LabelOptions()):
-            # mm_token_type_ids is ignored on purpose: it marks the marker tokens too (see the module doc)
-            return label_tokens(input_ids, markers, attention_mask=attention_mask, labels=labels,
-                                target_mask=target_mask, options=options)
-
-        label.markers = markers
-        return label
+        # mm_token_type_ids is ignored on purpose: it marks the marker tokens too (see the module doc)
+        return marker_labeler(markers, mm_token_types=False)
 
     def box_geometry(self, processor, config=None) -> SplitGeometry:
         ip = getattr(processor, "image_processor", None)

@@ -26,9 +26,9 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ..categories import RESPONSE, SYSTEM, TEXT, LabelOptions, label_tokens
+from ..categories import RESPONSE, SYSTEM, TEXT
 from ..regions import cells_target_mask, image_hw
-from .base import FamilyAdapter
+from .base import FamilyAdapter, marker_labeler
 
 SENTINEL = "\x00attn-mod\x00"
 
@@ -170,14 +170,7 @@ class LlavaAdapter(FamilyAdapter):
                              "handle.set_categories(cats)")
         tokenizer = getattr(processor, "tokenizer", processor)
         markers = plain_turn_markers(tokenizer, image_token_id=int(model.config.image_token_id))
-
-        def label(input_ids, *, attention_mask=None, mm_token_type_ids=None, labels=None, target_mask=None,
-                  options: LabelOptions = LabelOptions()):
-            return label_tokens(input_ids, markers, attention_mask=attention_mask, labels=labels,
-                                target_mask=target_mask, options=options)
-
-        label.markers = markers
-        return label
+        return marker_labeler(markers, mm_token_types=False)
 
     def box_geometry(self, processor, config=None) -> CropGeometry:
         ip = getattr(processor, "image_processor", None)

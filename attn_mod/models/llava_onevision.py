@@ -37,9 +37,9 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ..categories import RESPONSE, SYSTEM, TEXT, LabelOptions, label_tokens
+from ..categories import RESPONSE, SYSTEM, TEXT
 from ..regions import cells_target_mask, image_hw
-from .base import FamilyAdapter
+from .base import FamilyAdapter, marker_labeler
 
 SENTINELS = ("\x00sys\x00", "\x00user\x00", "\x00answer\x00")
 
@@ -206,14 +206,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         cfg = model.config
         visual = tuple(int(i) for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None)
         markers = chatml_markers_from_template(tokenizer, visual)
-
-        def label(input_ids, *, attention_mask=None, mm_token_type_ids=None, labels=None, target_mask=None,
-                  options: LabelOptions = LabelOptions()):
-            return label_tokens(input_ids, markers, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                                labels=labels, target_mask=target_mask, options=options)
-
-        label.markers = markers
-        return label
+        return marker_labeler(markers)
 
     def box_geometry(self, processor, config=None) -> AnyresGeometry:
         ip = getattr(processor, "image_processor", None)

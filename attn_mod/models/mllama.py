@@ -61,9 +61,9 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ..categories import IMAGE, PAD, TARGET, LabelOptions, RoleMarkers, label_tokens
+from ..categories import IMAGE, PAD, TARGET, RoleMarkers
 from ..regions import _is_box, _parse_entry, image_hw, select_cells
-from .base import FamilyAdapter
+from .base import FamilyAdapter, marker_labeler
 
 SENTINEL = "\x00attn-mod\x00"
 _HEADER_END = "<|end_header_id|>"
@@ -229,14 +229,7 @@ class MllamaAdapter(FamilyAdapter):
                              "handle.set_categories(cats)")
         tokenizer = getattr(processor, "tokenizer", processor)
         markers = llama3_markers(tokenizer, int(model.config.image_token_id))
-
-        def label(input_ids, *, attention_mask=None, mm_token_type_ids=None, labels=None, target_mask=None,
-                  options: LabelOptions = LabelOptions()):
-            return label_tokens(input_ids, markers, attention_mask=attention_mask, labels=labels,
-                                target_mask=target_mask, options=options)
-
-        label.markers = markers
-        return label
+        return marker_labeler(markers, mm_token_types=False)
 
     def box_geometry(self, processor, config=None) -> MllamaTileGeometry:
         ip = getattr(processor, "image_processor", None)

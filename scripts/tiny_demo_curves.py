@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from attn_mod import report
+    from attn_mod.jsonl import append_jsonl, read_jsonl
     from attn_mod.data.samples import read_samples
     from attn_mod.loading import load_model
 
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
     held = read_samples(root / "data" / "heldout.jsonl", require_assistant=True)
     model, processor = load_model(root / "init")
     t_init = (root / "init" / "config.json").stat().st_mtime  # wall-clock origin of the curves
-    cache = root / "curves_cache.json"
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    cache = root / "curves_cache.jsonl"  # one row per evaluated checkpoint, appended as it is measured
+    done = {r["key"]: r["accuracy"] for r in read_jsonl(cache, required=("key", "accuracy"))}
     curves, training = {}, {}
     for variant in a.variants:
         model, processor = load_model(root / "init")  # fresh: the loop below loads checkpoints into it
@@ -63,14 +64,14 @@ def main(argv=None) -> int:
             out = root / variant / stage
             if not (out / "metrics.jsonl").is_file():
                 break
-            rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+            rows = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl", required=("step",), repair=False)}
             for ck in sorted((out / "checkpoints").glob("step-*")):
                 step = int(ck.name.split("-")[1])
                 key = f"{variant}/{stage}/{step}"
                 if key not in done:
                     model.load_state_dict(load_file(ck / "weights.safetensors"), strict=False)
                     done[key] = heldout_accuracy(model.eval(), processor, held)
-                    cache.write_text(json.dumps(done))
+                    append_jsonl(cache, [{"key": key, "accuracy": done[key]}])
                     print(key, done[key], flush=True)
                 r = rows.get(step, {})
                 pts.append({"step": offset + step, "stage": stage, "accuracy": done[key],
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
             offset += max(rows) if rows else 0
         curves[variant] = pts
         walls = {}  # scripts/train_tiny_demo.sh logs each stage's wall time; a rerun stage's last line counts
-        wall_file = root / variant / "wall.jsonl"
-        for r in (map(json.loads, wall_file.read_text().splitlines()) if wall_file.is_file() else ()):
+        wall_file = root / variant / "wall.jsonl"  # a missing file reads as no rows
+        for r in read_jsonl(wall_file, required=("stage", "wall_s"), repair=False):
             walls[r["stage"]] = r["wall_s"]
         training[variant] = {"stage_wall_s": walls, "wall_minutes": round(sum(walls.values()) / 60, 1),
                              "final_accuracy": pts[-1]["accuracy"], "steps": offset}

@@ -499,32 +499,31 @@ def test_unknown_family_training_gradients_match_eager():
 
 
 def test_readme_supported_models_table_cites_existing_tests():
-    """Every cell of README's table names a test that exists, and every adapter family has a row."""
+    """README's table is generated from `tests/support_matrix.py` (`python tests/support_matrix.py --write`), every
+    cell names a test that exists, and every adapter family has a row."""
     import ast
-    import re
     from pathlib import Path
 
     import attn_mod.models
+    import support_matrix as sm
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
+    a, b = sm.readme_table(readme)
+    assert readme[a:b] == sm.render(), "README's table differs from tests/support_matrix.py: run it with --write"
     section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
-    files = {"F": "test_families.py", "P": "test_patch_models.py", "M": "test_metrics.py",
-             "ML": "test_families_mllama.py", "I": "test_families_idefics_onevision.py",
-             "G": "test_families_gemma3.py"}
+    for key, name in sm.FILES.items():
+        assert f"`{key}` = `tests/{name}`" in section, f"README's legend does not define {key}"
     defined = {k: {n.name for n in ast.walk(ast.parse((root / "tests" / f).read_text()))
-                   if isinstance(n, ast.FunctionDef)} for k, f in files.items()}
-    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| family")]
-    cited = re.findall(r"\b(ML|[FPMIG])::(\w+)", section)
+                   if isinstance(n, ast.FunctionDef)} for k, f in sm.FILES.items()}
+    cited = [c for _, cells in sm.MATRIX for cell in cells for c in sm.CITE.findall(cell)]
     assert len(cited) >= 25
     for key, name in cited:
-        assert name in defined[key], f"README cites {files[key]}::{name}, which does not exist"
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        cited_or_not_yet = (re.search(r"\b(ML|[FPMIG])::\w+", c) or c.startswith("not yet") for c in cells[1:])
-        assert len(cells) == 6 and all(cited_or_not_yet), row
+        assert name in defined[key], f"the table cites {sm.FILES[key]}::{name}, which does not exist"
+    for label, cells in sm.MATRIX:
+        assert len(cells) == len(sm.FEATURES) and all(sm.CITE.search(c) for c in cells), label
     for fam in attn_mod.models.SUPPORTED_FAMILIES:
-        assert f"(`{fam}`)" in section, f"README's Supported models table has no row for {fam}"
+        assert any(f"(`{fam}`)" in label for label, _ in sm.MATRIX), f"the table has no row for {fam}"
 
 
 def test_save_and_load_tiny_round_trip(family, tmp_path):

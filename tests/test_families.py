@@ -400,8 +400,10 @@ def test_unknown_family_is_refused_with_the_escape_hatch():
     model, tok = _tiny_llama_vlm()
     with pytest.raises(attn_mod.UnsupportedModelError,
                        match=r"supported families: qwen2_5_vl, qwen3_vl, llava, internvl.*categories='explicit'"
-                             r".*set_categories"):
+                             r".*set_categories") as err:
         attn_mod.patch(model, tok)
+    for fam in ("mllama", "idefics3", "smolvlm", "llava_onevision", "gemma3"):  # the families added since
+        assert fam in str(err.value)
 
 
 def test_unknown_family_explicit_labels_and_user_geometry():

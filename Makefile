@@ -3,7 +3,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-EXTRAS  ?= dev,eval,train
+EXTRAS  ?= dev,eval,train,deepspeed
 
 .PHONY: setup test test-gpu gpu-check demo bench clean
 

@@ -6,19 +6,15 @@ that are refused with a reason."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import ENTRY, ROOT, TINY_SFT, env, make_data
+from train_helpers import ENTRY, ROOT, TINY_SFT, env, free_port, kill_when, make_data
 
 from attn_mod.jsonl import read_jsonl
 
@@ -27,16 +23,10 @@ DDP_YAML = ROOT / "configs" / "accelerate" / "ddp.yaml"
 LOSSES = ("loss", "loss_lm", "loss_img", "loss_sys")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_cmd(args) -> list[str]:
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml` with 2 CPU processes (the README command)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_YAML), "--num_processes",
-            "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(ENTRY), "train",
+            "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), str(ENTRY), "train",
             *map(str, args)]
 
 
@@ -222,23 +212,10 @@ def test_sharded_checkpointer_is_atomic_and_exact(tmp_path):
     moments, scheduler and RNG exactly into still-sharded parameters; another model's checkpoint is refused."""
     worker = Path(__file__).resolve().parent / "_fsdp_checkpoint_worker.py"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), str(worker), str(tmp_path)], env=env(),
+                           "127.0.0.1", "--master_port", str(free_port()), str(worker), str(tmp_path)], env=env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.glob("ok-rank*")) == ["ok-rank0", "ok-rank1"]
-
-
-def _kill_when(proc, out: Path, rows: int) -> None:
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(read_jsonl(out / "metrics.jsonl", repair=False)) >= rows:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers at once, no cleanup
-        proc.wait()
 
 
 @pytest.mark.slow
@@ -255,7 +232,7 @@ def test_fsdp_sigkill_then_resume_matches_uninterrupted_bf16(runs):
     proc = subprocess.Popen(_launch_cmd(base + [f"output_dir={out}"]),
                             env=_fsdp_env(ATTN_MOD_TEST_STEP_SLEEP="0.5"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    _kill_when(proc, out, 3)
+    kill_when(proc, out, 3)
     assert 3 <= len(read_jsonl(out / "metrics.jsonl")) < 5 and not (out / "final").exists()
     assert (out / "checkpoints" / "step-0000002" / "shards" / ".metadata").is_file()
     resumed = _fsdp(base + [f"output_dir={out}", "--resume"])
@@ -304,7 +281,6 @@ def _fake_accelerator(monkeypatch, kind, **plugin):
 
 
 @pytest.mark.parametrize("kind, overrides, plugin, match", [
-    ("DEEPSPEED", [], {}, "does not support DeepSpeed yet: its ZeRO checkpoints"),
     ("MEGATRON_LM", [], {}, "MEGATRON_LM is not supported"),
     ("FSDP", [], {"FSDP_VERSION": "1"}, "FSDP version 2 only"),
     ("FSDP", ["model.freeze_vision=false"], {}, "trainable vision tower is not supported"),
@@ -354,7 +330,7 @@ def test_fsdp_grpo_equals_ddp_two_processes(runs, variant):
     if variant == "lora_kl":  # the reference policy is the disabled adapter (SAYO recipe's setup)
         base += ["lora.enabled=true", "lora.r=4", "objective.beta=0.001"]
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_YAML), "--num_processes",
-           "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(ENTRY), "train",
+           "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), str(ENTRY), "train",
            *map(str, base), f"output_dir={root / f'grpo_ddp_{variant}'}"]
     proc = subprocess.run(ddp, env=_fsdp_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +49,27 @@ def env() -> dict:
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for `accelerate launch --main_process_port`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_when(proc, out: Path, rows: int) -> None:
+    """SIGKILL the launcher `proc` (started with start_new_session=True) and its workers at once, with no cleanup,
+    as soon as OUT/metrics.jsonl holds `rows` rows; fails if the run ended before that."""
+    from attn_mod.jsonl import read_jsonl
+
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(read_jsonl(out / "metrics.jsonl", repair=False)) >= rows:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

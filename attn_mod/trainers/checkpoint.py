@@ -5,13 +5,23 @@
         optimizer.pt            optimizer state
         scheduler.pt            learning-rate scheduler state
         rng-rank{R}.pt          python / numpy / torch (CPU and CUDA) RNG states of process R
-        state.json              {"step", "samples_seen", "sharded", "metrics": [rows so far], "config": {...}}
+        state.json              {"step", "samples_seen", "layout", "sharded", "metrics": [rows so far],
+                                 "config": {...}}
 
 Sharded (FSDP2, `sharded=True`): weights.safetensors and optimizer.pt are replaced by one
 torch.distributed.checkpoint (DCP) folder `shards/` that every rank writes its own shards into
 (`__R_0.distcp`, plus `.metadata` from rank 0): {"model": trainable parameters, "optim": optimizer state},
 both keyed by parameter name (`torch.distributed.checkpoint.state_dict.get_state_dict`), so no rank ever
 holds the full model or optimizer state. Loading reads each rank's shards back in place.
+
+DeepSpeed ZeRO-1/2 (`engine=` the DeepSpeedEngine): weights.safetensors and optimizer.pt are replaced by
+DeepSpeed's own checkpoint folder `deepspeed/zero/` (`engine.save_checkpoint`, collective): the trainable
+parameters (`mp_rank_00_model_states.pt`, frozen ones excluded) and each rank's partition of the optimizer
+state and fp32 master weights (`zero_pp_rank_R_mp_rank_00_optim_states.pt`); state.json also lists the
+trainable parameter names, checked at load (DeepSpeed itself loads the module non-strictly).
+
+`layout` (state.json) is "full" (single process / DDP), "fsdp2" or "deepspeed"; a checkpoint resumes only
+under the layout that wrote it.
 
 A checkpoint is written into a hidden temporary folder (files fsynced) that is renamed to its final name
 in one step, so a folder named step-* is always complete; an interrupted write leaves only a temporary
@@ -35,6 +45,8 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
 SHARDS = "shards"  # the DCP folder of a sharded checkpoint
+DEEPSPEED, DS_TAG = "deepspeed", "zero"  # DeepSpeed's checkpoint folder and tag inside a checkpoint
+LAYOUTS = {"full": "unsharded (single-process / DDP)", "fsdp2": "sharded (FSDP)", "deepspeed": "DeepSpeed ZeRO"}
 
 
 @dataclass
@@ -44,6 +56,8 @@ class Checkpoint:
     samples_seen: int
     metrics: list[dict]
     sharded: bool = False
+    layout: str = "full"  # "full" | "fsdp2" | "deepspeed" (see LAYOUTS)
+    trainable: list[str] | None = None  # trainable parameter names (DeepSpeed checkpoints)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -142,16 +156,21 @@ def set_rng_state(state: dict) -> None:
 
 class Checkpointer:
     """Writes and finds checkpoints under `root` (OUT/checkpoints). Multi-process: every rank calls
-    `save` (each writes its RNG state, and with `sharded` its weight / optimizer shards); rank 0 writes the rest
-    and publishes; `barrier` syncs ranks. `sharded`: the model is FSDP2-wrapped (DTensor parameters)."""
+    `save` (each writes its RNG state, and with `sharded` / `engine` its weight / optimizer shards); rank 0 writes
+    the rest and publishes; `barrier` syncs ranks. `sharded`: the model is FSDP2-wrapped (DTensor parameters).
+    `engine`: the DeepSpeedEngine wrapping the model (ZeRO-1/2), whose own checkpoints hold weights and optimizer."""
 
     def __init__(self, root: str | os.PathLike, keep: int = 2, *, rank: int = 0, barrier=lambda: None,
-                 sharded: bool = False):
+                 sharded: bool = False, engine=None):
+        if sharded and engine is not None:
+            raise ValueError("a checkpoint is either FSDP2-sharded or DeepSpeed's, not both")
         self.root = Path(root)
         self.keep = keep
         self.rank = rank
         self.barrier = barrier
         self.sharded = sharded
+        self.engine = engine
+        self.layout = "deepspeed" if engine is not None else "fsdp2" if sharded else "full"
 
     def _tmp(self, step: int) -> Path:
         return self.root / f".tmp-{PREFIX}{step:07d}"
@@ -184,14 +203,20 @@ class Checkpointer:
             import torch.distributed.checkpoint as dcp
 
             dcp.save(sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(tmp / SHARDS))
+        if self.engine is not None:  # collective: DeepSpeed writes the weights and each rank's optimizer partition
+            self.engine.save_checkpoint(str(tmp / DEEPSPEED), tag=DS_TAG, client_state={}, save_latest=False,
+                                        exclude_frozen_parameters=True)
+            self.barrier()
         if self.rank == 0:
-            if not self.sharded:
+            if self.layout == "full":
                 save_file(trainable_state(model), tmp / "weights.safetensors")
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(
-                {"step": step, "samples_seen": samples_seen, "sharded": self.sharded, "metrics": metrics,
-                 "config": config}, indent=1))
+            state = {"step": step, "samples_seen": samples_seen, "layout": self.layout, "sharded": self.sharded,
+                     "metrics": metrics, "config": config}
+            if self.engine is not None:
+                state["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
             _fsync_tree(tmp)
         self.barrier()
         if self.rank == 0:
@@ -209,19 +234,26 @@ class Checkpointer:
     def read_state(path: str | os.PathLike) -> Checkpoint:
         path = Path(path)
         state = json.loads((path / "state.json").read_text())
-        return Checkpoint(path, int(state["step"]), int(state["samples_seen"]), list(state["metrics"]),
-                          bool(state.get("sharded", False)))
+        sharded = bool(state.get("sharded", False))
+        return Checkpoint(path, int(state["step"]), int(state["samples_seen"]), list(state["metrics"]), sharded,
+                          state.get("layout", "fsdp2" if sharded else "full"), state.get("trainable"))
 
     def load(self, path: str | os.PathLike, *, model, optimizer, scheduler) -> Checkpoint:
         """Restore weights, optimizer, scheduler and this rank's RNG state from `path`."""
         path = Path(path)
         ckpt = self.read_state(path)
-        if ckpt.sharded != self.sharded:
-            kind = {True: "sharded (FSDP)", False: "unsharded (single-process / DDP)"}
-            raise ValueError(f"checkpoint {path} is {kind[ckpt.sharded]} but this run is {kind[self.sharded]}; "
-                             "resume with the same accelerate launch configuration")
+        if ckpt.layout != self.layout:
+            raise ValueError(f"checkpoint {path} is {LAYOUTS.get(ckpt.layout, ckpt.layout)} but this run is "
+                             f"{LAYOUTS[self.layout]}; resume with the same accelerate launch configuration")
         if self.sharded:
             self._load_sharded(path, model, optimizer)
+        elif self.engine is not None:
+            self._check_names(path, set(ckpt.trainable or ()),
+                              {n for n, p in model.named_parameters() if p.requires_grad})
+            loaded, _ = self.engine.load_checkpoint(str(path / DEEPSPEED), tag=DS_TAG, load_module_strict=False,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise ValueError(f"checkpoint {path}: DeepSpeed found no checkpoint in {path / DEEPSPEED}")
         else:
             self._load_full(path, model, optimizer)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))

@@ -16,9 +16,13 @@ nothing else. Micro-batch k = m * num_processes + rank of step s (m = accumulati
 t = s*G + k*batch_size ... + batch_size - 1: one process with accumulation 2 sees exactly the micro-batches two
 processes see. The step loss is the mean of the micro-batch losses (DDP / FSDP average across processes).
 
-Distribution (accelerate launch): one process, DDP, or FSDP2 (`configs/accelerate/fsdp.yaml`; parameters,
+Distribution (accelerate launch): one process, DDP, FSDP2 (`configs/accelerate/fsdp.yaml`; parameters,
 gradients and optimizer state sharded, one shard group per language-model decoder layer, sharded checkpoints,
-OUT/final gathered on rank 0). DeepSpeed, Megatron-LM and XLA are refused at setup (`_setup_accelerator`).
+OUT/final gathered on rank 0), or DeepSpeed ZeRO-1/2 (`configs/accelerate/deepspeed_zero2.yaml`; optimizer
+state and fp32 master weights, and with ZeRO-2 gradients, partitioned; DeepSpeed's own checkpoints). Under
+DeepSpeed the engine runs backward, accumulation boundaries, gradient clipping and the optimizer step
+(`_deepspeed_config` sets its micro batch, accumulation and clipping from this config); the schedule stays ours.
+ZeRO-3, DeepSpeed offload, Megatron-LM and XLA are refused at setup (`_setup_accelerator`).
 
 Outputs: OUT/metrics.jsonl (one object per optimizer step, fsynced; `metric_keys`), OUT/checkpoints/ (atomic,
 see checkpoint.py), OUT/final/ (a loadable model directory, or the LoRA adapter), OUT/config.yaml,
@@ -67,6 +71,22 @@ def _fsdp_on_cpu(acc) -> None:
     acc.state.fsdp_plugin = plugin
     acc.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _deepspeed_launch() -> bool:
+    """`accelerate launch` with a DeepSpeed config (it sets ACCELERATE_USE_DEEPSPEED for the workers)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _is_deepspeed(acc) -> bool:
+    return str(acc.distributed_type).rsplit(".", 1)[-1] == "DEEPSPEED"
+
+
+def plugin_world_size() -> int:
+    """Number of processes of this launch (torch.distributed when initialised, else WORLD_SIZE)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class TrainingStopped(RuntimeError):
@@ -134,9 +154,11 @@ class Recipe:
             self._set_fsdp_groups()
         self.module, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.sharded = bool(self.accelerator.is_fsdp2)  # FSDP2: DTensor parameters, sharded checkpoints
+        self.engine = self.module if _is_deepspeed(self.accelerator) else None  # DeepSpeed runs backward and step
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep,
                                          rank=self.accelerator.process_index,
-                                         barrier=self.accelerator.wait_for_everyone, sharded=self.sharded)
+                                         barrier=self.accelerator.wait_for_everyone, sharded=self.sharded,
+                                         engine=self.engine)
         self.metrics_path = self.out / "metrics.jsonl"
         self.superseded_path = self.out / "metrics.superseded.jsonl"
         self.setup_objective()
@@ -149,17 +171,21 @@ class Recipe:
 
         # Vision weights that train but see a text-only batch get no gradient: DDP must expect unused params.
         unused = not self.cfg.model.freeze_vision and not self.cfg.lora.enabled
-        acc = Accelerator(mixed_precision=self.cfg.precision.mixed,
-                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
+        if _deepspeed_launch():
+            if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+                raise ValueError("a DeepSpeed launch with ACCELERATE_USE_CPU=true silently becomes CPU data "
+                                 "parallel in accelerate; unset ACCELERATE_USE_CPU (on a machine without GPUs "
+                                 "DeepSpeed's CPU accelerator and gloo are used by themselves)")
+            if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator: accelerate must be told gloo, or it
+                from accelerate.utils import InitProcessGroupKwargs  # counts one process per rank
+
+                handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        acc = Accelerator(mixed_precision=self.cfg.precision.mixed, kwargs_handlers=handlers)
         _fsdp_on_cpu(acc)
         kind = str(acc.distributed_type).rsplit(".", 1)[-1]
         if kind == "DEEPSPEED":
-            raise NotImplementedError(
-                "attn-mod train does not support DeepSpeed yet: its ZeRO checkpoints (partitioned weights and "
-                "optimizer state) are not wired into attn_mod.trainers.checkpoint, and no DeepSpeed run could be "
-                "tested on the CPU-only CI (deepspeed is not installed there, and accelerate 1.15 never selects "
-                "DeepSpeed for CPU processes), so resume would be unverified. Use FSDP (accelerate launch "
-                "--config_file configs/accelerate/fsdp.yaml), DDP, or LoRA (lora.enabled: true) to fit a large model.")
+            self._deepspeed_config(acc.state.deepspeed_plugin)
         if kind in ("MEGATRON_LM", "XLA"):
             raise NotImplementedError(
                 f"attn-mod train runs single-process, DDP or FSDP2; {kind} is not supported: its checkpoints are "
@@ -188,6 +214,40 @@ class Recipe:
                     "it to false and use model.gradient_checkpointing: true in the training config")
         set_seed(self.cfg.schedule.seed, device_specific=True)
         return acc
+
+    def _deepspeed_config(self, plugin) -> None:
+        """Check the DeepSpeed plugin's ZeRO settings and fill in what this training config decides: micro batch
+        (schedule.batch_size), gradient accumulation (schedule.gradient_accumulation_steps; DeepSpeed's
+        accumulation boundaries must be ours), clipping (optim.max_grad_norm) and the global batch."""
+        ds = plugin.deepspeed_config
+        zero = ds.setdefault("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        if stage == 3:
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-3 is not supported: it partitions the parameters and all-gathers them per module "
+                "on every process together, but a text-only micro-batch skips the vision tower on one process "
+                "only (a collective mismatch), and its partitioned checkpoints / final-weight gathering are not "
+                "wired. To shard parameters use FSDP2 (configs/accelerate/fsdp.yaml, which keeps the vision tower "
+                "in the root group); ZeRO-1/2 shard optimizer state and gradients (configs/accelerate/"
+                "deepspeed_zero2.yaml)")
+        for what in ("offload_optimizer", "offload_param"):
+            device = (zero.get(what) or {}).get("device", "none")
+            if device not in (None, "none"):
+                raise NotImplementedError(
+                    f"DeepSpeed {what} to {device!r} is not supported (untested: no run of it could be checked "
+                    "here, and it needs DeepSpeed's compiled CPU optimizer); set zero_optimization."
+                    f"{what}.device: none (accelerate config: {what}_device: none)")
+        if "optimizer" in ds or "scheduler" in ds:
+            raise NotImplementedError(
+                "a DeepSpeed config with its own optimizer / scheduler is not supported: attn-mod train builds "
+                "AdamW and the lr schedule from the training config (optim.*, schedule.*); remove those sections")
+        s = self.cfg.schedule
+        ds["train_micro_batch_size_per_gpu"] = s.batch_size
+        ds["gradient_accumulation_steps"] = s.gradient_accumulation_steps
+        ds["train_batch_size"] = s.batch_size * s.gradient_accumulation_steps * plugin_world_size()
+        ds["gradient_clipping"] = float(self.cfg.optim.max_grad_norm or 0.0)
+        ds.setdefault("steps_per_print", 10**9)  # no DeepSpeed progress prints (ours is the progress bar)
+        plugin.gradient_accumulation_steps = s.gradient_accumulation_steps
 
     def _set_fsdp_groups(self) -> None:
         """FSDP2 shard groups: one per language-model decoder layer (accelerate adds the embedding and the
@@ -440,17 +500,25 @@ class Recipe:
             parts = []
             for micro in range(accum):
                 batch = self.micro_batch(step, micro)
+                if self.engine is not None:  # DeepSpeed: reduce + clip + step at its accumulation boundary
+                    out = self.train_step(batch)
+                    self._check_finite(step, micro, batch, out)
+                    self.engine.backward(out.loss / accum, scale_wrt_gas=False)
+                    self.engine.step()
+                    parts.append(out.metrics)
+                    continue
                 sync = nullcontext() if micro == accum - 1 else acc.no_sync(self.module)
                 with sync:
                     out = self.train_step(batch)
                     self._check_finite(step, micro, batch, out)
                     acc.backward(out.loss / accum)
                 parts.append(out.metrics)
-            if self.cfg.optim.max_grad_norm is not None:
-                acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-            self.optimizer.step()
+            if self.engine is None:
+                if self.cfg.optim.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
 
             reduced = self.reduce_metrics(parts)
             row = {"step": step, **{k: (lr if k == "lr" else reduced[k]) for k in self.metric_keys},

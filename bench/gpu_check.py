@@ -12,6 +12,9 @@ streamed as one JSON line to <out-dir>/gpu_check.jsonl as soon as it finishes (a
   registers  registers / spills / shared memory of the pinned configs as compiled here vs the static report
              (bench/kernel_static.json, computed on CPU with triton's bundled ptxas)
   bench      bench/attention.py --quick (its rows stream to <out-dir>/bench/attention.jsonl)
+  train_memory  bench/train_memory.py --device cuda --width real: peak memory of one SFT step with the attention
+             losses, attn-mod (Triton, bf16) vs eager output_attentions, at 8k / 16k / 32k tokens, 2 real-width
+             layers (rows in <out-dir>/train_memory.json, table in <out-dir>/train_memory.md)
   pytest     tests/test_kernels_cuda.py if time is left
 A summary table goes to <out-dir>/gpu_check.md. Exit status 1 if a parity case fails.
 """
@@ -201,7 +204,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out" / "gpu_check")))
     ap.add_argument("--budget-s", type=float, default=470.0, help="stop starting new steps after this many seconds")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("parity", "registers", "bench", "pytest"))
+    ap.add_argument("--skip", nargs="*", default=[], choices=("parity", "registers", "bench", "train_memory", "pytest"))
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU only: tiny parity cases in the interpreter")
     a = ap.parse_args(argv)
     a.out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +225,7 @@ def main(argv=None):
         env.update(device=p.name, sms=p.multi_processor_count, mem_gib=round(p.total_memory / 2**30, 1))
     out.put(env)
     if a.cpu_smoke:
-        a.skip = ["registers", "bench", "pytest"]
+        a.skip = ["registers", "bench", "train_memory", "pytest"]
     elif not torch.cuda.is_available():
         sys.exit("no CUDA device: the GPU check needs one (CPU checks: pytest with TRITON_INTERPRET=1, "
                  "bench/kernel_static.py)")
@@ -258,6 +261,19 @@ def main(argv=None):
         except subprocess.TimeoutExpired:
             out.put(dict(step="bench", rc="timeout", seconds=round(time.time() - t, 1),
                          note="rows that finished are in bench/attention.jsonl"))
+    if "train_memory" not in a.skip and left() > 150:
+        cmd = [sys.executable, str(ROOT / "bench" / "train_memory.py"), "--device", "cuda", "--width", "real",
+               "--dtype", "bfloat16", "--backend", "triton", "--layers", "2", "--seqs", "8192", "16384", "32768",
+               "--out", str(a.out_dir / "train_memory.json"), "--results-md", str(a.out_dir / "train_memory.md"),
+               "--timeout-s", "120"]
+        t = time.time()
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, left() - 100), cwd=ROOT)
+            out.put(dict(step="train_memory", rc=res.returncode, seconds=round(time.time() - t, 1),
+                         tail=res.stdout[-1500:] + res.stderr[-1500:]))
+        except subprocess.TimeoutExpired:
+            out.put(dict(step="train_memory", rc="timeout", seconds=round(time.time() - t, 1),
+                         note="rows that finished are in train_memory.json"))
     if "pytest" not in a.skip and left() > 90:
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py"]
         try:

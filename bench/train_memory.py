@@ -1,22 +1,29 @@
-"""Peak memory of one SFT step with the attention losses: attn-mod masses vs eager `output_attentions` (CPU).
+"""Peak memory of one SFT step with the attention losses: attn-mod masses vs eager `output_attentions`.
 
-One optimizer-free SFT step (forward, L = L_LM + 0.15 L_img + 0.15 L_sys, backward) on a tiny-width Qwen2.5-VL
-(hidden 64, 4 heads, 2 KV heads, `--layers` layers) with one sample of `--seq` tokens (an image, filler text,
-a short answer), in a fresh subprocess per (mode, length):
+One optimizer-free SFT step (forward, L = L_LM + 0.15 L_img + 0.15 L_sys, backward) on a Qwen2.5-VL built from a
+config (`--layers` text layers; `--width tiny`: hidden 64, 4 heads, 2 KV heads; `--width real`: the attention
+widths of Qwen2.5-VL-7B, hidden 3584, 28 heads, 4 KV heads, head dim 128, with a narrow MLP of 2 x hidden and the
+tiny vision tower) with one sample of `--seq` tokens (an image, filler text, a short answer), in a fresh
+subprocess per (mode, length):
 
 * `attn_mod`: the SFT recipe's own step (`SFTRecipe.train_step`): masses from the patched model's operator
-  (torch backend), captured with gradients in the same forward, AGTO losses from `attn_mod.trainers.losses`.
+  (`--backend`: torch on CPU, triton on a GPU), captured with gradients in the same forward, AGTO losses from
+  `attn_mod.trainers.losses`.
 * `eager`: the same recipe step with the HF eager attention and `output_attentions=True`; masses are the
   attention matrices summed by key category, then the same AGTO losses (what the released code does).
 
-Peak memory = process RSS high-water mark (ru_maxrss) after the step minus the mark before it, after a warm-up
-step on a 256-token sample. Children run with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors return to the OS
-(RSS then tracks live memory, not glibc free lists; see bench/capture_memory.py).
+Peak memory, after a warm-up step on a 256-token sample:
+* CPU (`--device cpu`): process RSS high-water mark (ru_maxrss) after the step minus the mark before it. Children
+  run with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors return to the OS (RSS then tracks live memory, not
+  glibc free lists; see bench/capture_memory.py).
+* GPU (`--device cuda`): torch.cuda.max_memory_allocated() during the step minus memory_allocated() before it
+  (weights and the warm-up's caches excluded); an out-of-memory step is reported as OOM.
 
-    python bench/train_memory.py --seqs 1024 2048 4096 8192 --layers 2
+    python bench/train_memory.py --seqs 1024 2048 4096 8192 --layers 2                       # CPU table
+    python bench/train_memory.py --device cuda --width real --dtype bfloat16 --seqs 8192 16384 32768   # GPU
 
 Prints a Markdown table, writes bench/out/train_memory.json and appends the table to bench/RESULTS.md
-(`--no-results` to skip).
+(`--no-results` to skip, `--results-md FILE` elsewhere). `make gpu-check` runs the GPU line (bench/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import time
 from pathlib import Path
 
 MODES = ("attn_mod", "eager")
+WIDTHS = {"tiny": dict(hidden=64, heads=4, kv_heads=2), "real": dict(hidden=3584, heads=28, kv_heads=4)}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +65,8 @@ def _data(folder: Path, seq: int) -> Path:
     return write_samples(rows, folder / "train.jsonl")
 
 
-def child(mode: str, seq: int, layers: int) -> dict:
+def child(mode: str, seq: int, layers: int, *, device: str = "cpu", width: str = "tiny", dtype: str = "float32",
+          backend: str = "torch") -> dict:
     import torch
 
     from attn_mod.trainers.config import build_train_config
@@ -67,12 +76,16 @@ def child(mode: str, seq: int, layers: int) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="train_memory_"))
     cfg = build_train_config({
         "recipe": "sft", "output_dir": str(folder / "out"),
-        "model": {"tiny": "qwen2_5_vl", "backend": "torch", "tiny_kwargs": {"layers": layers}},
+        "model": {"tiny": "qwen2_5_vl", "backend": backend, "dtype": dtype,
+                  "tiny_kwargs": {"layers": layers, **WIDTHS[width]}},
         "data": {"train": str(_data(folder, seq)), "cutoff": seq + 512, "shuffle": False},
         "schedule": {"batch_size": 1, "max_steps": 1}, "logging": {"progress": False},
         "objective": {"lambda_img": 0.15, "lambda_sys": 0.15}})
     recipe = EagerSFT(cfg) if mode == "eager" else SFTRecipe(cfg)
     recipe.setup()
+    if recipe.accelerator.device.type != device:
+        raise SystemExit(f"asked for --device {device} but accelerate placed the model on {recipe.accelerator.device}")
+    cuda = device == "cuda"
 
     def step(i: int) -> tuple[float, int]:
         batch = recipe.collator.collate([recipe.dataset[i]]).to(recipe.accelerator.device)
@@ -82,12 +95,24 @@ def child(mode: str, seq: int, layers: int) -> dict:
         return float(out.loss), int(batch.labels.shape[1])
 
     step(0)  # warm-up: lazily loaded kernels and thread pools are not the step's memory
-    before = _maxrss_mib()
+    row = dict(mode=mode, seq=seq, layers=layers, device=device, width=width, dtype=dtype, backend=backend)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = _maxrss_mib()
     t0 = time.perf_counter()
-    loss, n = step(1)
+    try:
+        loss, n = step(1)
+    except torch.OutOfMemoryError:
+        return {**row, "oom": True, "peak_delta_mib": None, "seconds": None, "loss": None}
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return dict(mode=mode, seq=n, layers=layers, peak_delta_mib=round(_maxrss_mib() - before, 1),
-                seconds=round(seconds, 2), loss=round(loss, 5))
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mib()
+    return {**row, "seq": n, "oom": False, "peak_delta_mib": round(peak - before, 1), "seconds": round(seconds, 3),
+            "loss": round(loss, 5)}
 
 
 def _eager_recipe():
@@ -124,53 +149,88 @@ def _eager_recipe():
 EagerSFT = None
 
 
+def _cell(r: dict | None, key: str) -> str:
+    if r is None:
+        return "-"
+    return "OOM" if r.get("oom") else str(r[key])
+
+
+def table(rows: list[dict], layers: int) -> list[str]:
+    out = ["| tokens | layers | attn-mod peak (MiB) | eager peak (MiB) | attn-mod s | eager s | loss equal |",
+           "|---|---|---|---|---|---|---|"]
+    by = {(r["mode"], r["seq"]): r for r in rows}
+    for seq in sorted({r["seq"] for r in rows}):
+        a, e = by.get(("attn_mod", seq)), by.get(("eager", seq))
+        ok = a and e and not a.get("oom") and not e.get("oom")
+        tol = 2e-2 if rows[0].get("dtype") in ("bfloat16", "float16") else 1e-4
+        same = ("yes" if abs(a["loss"] - e["loss"]) <= tol * max(1.0, abs(a["loss"])) else "no") if ok else "-"
+        out.append(f"| {seq} | {layers} | {_cell(a, 'peak_delta_mib')} | {_cell(e, 'peak_delta_mib')} | "
+                   f"{_cell(a, 'seconds')} | {_cell(e, 'seconds')} | {same} |")
+    return out
+
+
 def main() -> None:
     global EagerSFT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--width", choices=tuple(WIDTHS), default="tiny")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--backend", choices=("torch", "triton"), default=None,
+                    help="attn-mod operator backend (default: torch on CPU, triton on CUDA)")
+    ap.add_argument("--timeout-s", type=float, default=None, help="per (mode, length) child")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "train_memory.json"))
     ap.add_argument("--no-results", action="store_true", help="do not append the table to bench/RESULTS.md")
     ap.add_argument("--results-md", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    cuda = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.backend = args.backend or ("triton" if cuda else "torch")
+    opts = dict(device=args.device, width=args.width, dtype=args.dtype, backend=args.backend)
     if args.child:
         if args.child == "eager":
             EagerSFT = _eager_recipe()
-        print(json.dumps(child(args.child, args.seqs[0], args.layers)))
+        print(json.dumps(child(args.child, args.seqs[0], args.layers, **opts)))
         return
     rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for seq in args.seqs:
         for mode in args.modes:
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536",
                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--seqs", str(seq), "--layers",
-                                   str(args.layers)], capture_output=True, text=True, env=env)
+            if not cuda:
+                env["CUDA_VISIBLE_DEVICES"] = ""
+            cmd = [sys.executable, __file__, "--child", mode, "--seqs", str(seq), "--layers", str(args.layers),
+                   *(x for k, v in opts.items() for x in (f"--{k}", v))]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s)
+            except subprocess.TimeoutExpired:
+                raise SystemExit(f"{mode} at {seq} ran past --timeout-s {args.timeout_s}; rows so far in {out}")
             if proc.returncode:
                 raise SystemExit(f"{mode} at {seq} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            out.write_text(json.dumps(rows, indent=2))  # after every child: a crash keeps the rows so far
             print(f"done: {mode} {seq}: {rows[-1]}", file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
-    table = ["| tokens | layers | attn-mod peak (MiB) | eager peak (MiB) | attn-mod s | eager s | loss equal |",
-             "|---|---|---|---|---|---|---|"]
-    by = {(r["mode"], r["seq"]): r for r in rows}
-    for seq in sorted({r["seq"] for r in rows}):
-        a, e = by.get(("attn_mod", seq)), by.get(("eager", seq))
-        same = "yes" if a and e and abs(a["loss"] - e["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])) else "-"
-        table.append(f"| {seq} | {args.layers} | {a['peak_delta_mib'] if a else '-'} | "
-                     f"{e['peak_delta_mib'] if e else '-'} | {a['seconds'] if a else '-'} | "
-                     f"{e['seconds'] if e else '-'} | {same} |")
-    print("\n".join(table))
+    lines = table(rows, args.layers)
+    print("\n".join(lines))
     if not args.no_results:
         cmd = "python bench/train_memory.py " + " ".join(sys.argv[1:])
+        w = WIDTHS[args.width]
+        where = ("peak = torch.cuda.max_memory_allocated during the step minus memory_allocated before it"
+                 if cuda else "peak = RSS high-water mark of the step minus the mark before it "
+                 "(MALLOC_MMAP_THRESHOLD_=65536)")
         with Path(args.results_md).open("a") as f:
-            f.write("\n## SFT step memory: attention losses from attn-mod masses vs eager output_attentions (CPU)\n\n"
+            f.write(f"\n## SFT step memory: attention losses from attn-mod masses vs eager output_attentions "
+                    f"({args.device})\n\n"
                     f"`{cmd.strip()}`, {time.strftime('%Y-%m-%d')}: one forward + backward of "
-                    "L_LM + 0.15 L_img + 0.15 L_sys, batch 1, tiny-width Qwen2.5-VL (hidden 64, 4 heads, 2 KV "
-                    "heads), fp32, torch backend; peak = RSS high-water mark of the step minus the mark before "
-                    "it (MALLOC_MMAP_THRESHOLD_=65536).\n\n" + "\n".join(table) + "\n")
+                    f"L_LM + 0.15 L_img + 0.15 L_sys, batch 1, Qwen2.5-VL from a config ({args.width} width: hidden "
+                    f"{w['hidden']}, {w['heads']} heads, {w['kv_heads']} KV heads), {args.dtype}, {args.backend} "
+                    f"backend; {where}.\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -346,6 +346,27 @@ def test_train_memory_bench_smoke(tmp_path):
     assert md.read_text().startswith("kept\n") and f"| {a['seq']} | 1 |" in md.read_text()
 
 
+def test_train_memory_table_marks_oom_and_compares_losses():
+    """The GPU table (bench/train_memory.py --device cuda): an out-of-memory step prints OOM (no loss comparison),
+    bf16 losses compare at bf16 tolerance."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_memory", Path(TINY_SFT).parents[2] / "bench" / "train_memory.py")
+    tm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tm)
+    row = dict(layers=2, device="cuda", width="real", dtype="bfloat16", backend="triton")
+    rows = [{**row, "mode": "attn_mod", "seq": 8192, "oom": False, "peak_delta_mib": 900.5, "seconds": 0.4,
+             "loss": 7.01},
+            {**row, "mode": "eager", "seq": 8192, "oom": False, "peak_delta_mib": 9000.0, "seconds": 0.9, "loss": 7.05},
+            {**row, "mode": "attn_mod", "seq": 32768, "oom": False, "peak_delta_mib": 3600.0, "seconds": 1.5,
+             "loss": 7.2},
+            {**row, "mode": "eager", "seq": 32768, "oom": True, "peak_delta_mib": None, "seconds": None, "loss": None}]
+    lines = tm.table(rows, 2)
+    assert lines[2] == "| 8192 | 2 | 900.5 | 9000.0 | 0.4 | 0.9 | yes |"
+    assert lines[3] == "| 32768 | 2 | 3600.0 | OOM | 1.5 | OOM | - |"
+
+
 def test_model_from_path_and_final_dir_loads_back(tmp_path):
     from attn_mod.loading import load_model
     from attn_mod.tiny import save_tiny

@@ -101,16 +101,25 @@ class LabelOptions:
     """Labelling choices. `sink_category`: code given to the first non-pad token (the usual attention
     sink) instead of its natural label; None keeps it (SYSTEM when a system turn opens the prompt).
     `system_text`: the system prompt, for templates whose ids do not delimit it (Gemma3 merges it into the first
-    user turn; see attn_mod.models.gemma3); other families ignore it."""
+    user turn; see attn_mod.models.gemma3), or several (a batch whose rows use different system prompts: each
+    row's first user turn is matched against all of them, the longest match wins); other families ignore it.
+    Stored as a tuple of distinct non-empty strings (empty: none)."""
 
     sink_category: int | None = None
-    system_text: str | None = None
+    system_text: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.sink_category is not None and not 0 < self.sink_category < NUM_CATEGORIES:
             raise ValueError(f"sink_category must be None or a code in 1..{NUM_CATEGORIES - 1}")
-        if self.system_text is not None and not isinstance(self.system_text, str):
-            raise ValueError(f"system_text must be a string or None, got {type(self.system_text).__name__}")
+        texts = self.system_text
+        if texts is None or isinstance(texts, str):
+            texts = () if not texts else (texts,)
+        elif isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts):
+            texts = tuple(dict.fromkeys(t for t in texts if t))
+        else:
+            raise ValueError("system_text must be a string, a list of strings or None, got "
+                             f"{type(self.system_text).__name__}")
+        object.__setattr__(self, "system_text", texts)
 
 
 def _starts_with(ids: list[int], pos: int, header: tuple[int, ...]) -> bool:

@@ -221,7 +221,7 @@ def run(args) -> int:
 
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     t_loaded = time.perf_counter()
-    handle = patch(model, processor, intervention=intervention, backend=args.backend)
+    handle = patch(model, processor, intervention=intervention, backend=args.backend, system_text=args.system)
     try:
         geometry = handle.state.geometry()
         if not hasattr(geometry, "merge_size"):

@@ -490,7 +490,7 @@ def _pre_hook(state: PatchState):
 
 def patch(model: nn.Module, processor=None, *, intervention: Intervention | None = None, backend: str = "auto",
           categories: str = "auto", sink_category: int | None = None,
-          system_text: str | None = None) -> PatchHandle:
+          system_text: str | Sequence[str] | None = None) -> PatchHandle:
     """Patch `model` (a loaded HF VLM) in place with category-aware attention; returns a `PatchHandle`.
 
     processor: the model's processor or tokenizer (chat-template role markers); not needed with
@@ -498,8 +498,9 @@ def patch(model: nn.Module, processor=None, *, intervention: Intervention | None
     intervention: an `Intervention` (default identity: attention unchanged, masses available to `capture`).
     backend: "auto" | "torch" | "triton" | "flex" (see `attn_mod.kernels.function`).
     sink_category: code for the first non-pad token (the attention sink) instead of its natural label.
-    system_text: the system prompt, for templates that merge it into a user turn (Gemma3: SYSTEM = its tokens,
-        found by token ids; `LabelOptions.system_text`).
+    system_text: the system prompt, or the list of those a run uses, for templates that merge it into a user turn
+        (Gemma3: SYSTEM = its tokens, found by token ids; `LabelOptions.system_text`). `attn-mod train`, `sweep`
+        and `inspect` pass their data's system prompts; other families ignore it.
     """
     if categories not in ("auto", "explicit"):
         raise ValueError(f"categories must be 'auto' or 'explicit', got {categories!r}")

@@ -11,6 +11,9 @@ def _has_nvidia_device() -> bool:
 
 if not _has_nvidia_device():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # DeepSpeed (installed for tests/test_deepspeed.py) is imported by accelerate's unwrap at every save_pretrained;
+    # told the accelerator it does not warn that it fell back to the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

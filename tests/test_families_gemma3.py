@@ -231,10 +231,33 @@ def test_system_text_found_by_ids_in_text_only_and_multi_paragraph_prompts(tiny)
     assert first == 2 + len(tok.encode("user\n", add_special_tokens=False))
 
 
-def test_system_text_must_be_a_string(tiny):
+def test_system_text_must_be_strings(tiny):
     model, _, proc = tiny
-    with pytest.raises(ValueError, match="system_text"):
-        attn_mod.patch(model, proc, system_text=["not", "a", "string"])
+    for bad in (3, ["ok", 2], {"a": 1}):
+        with pytest.raises(ValueError, match="system_text must be a string, a list of strings or None"):
+            attn_mod.patch(model, proc, system_text=bad)
+
+
+def test_rows_with_different_system_prompts_each_get_their_own_span(tiny):
+    """system_text=[A, B] (a run whose samples use two system prompts, B extending A): each row's SYSTEM span is
+    exactly its own prompt (the longer B is matched whole, not cut at A), a row without a system turn has none."""
+    model, _, proc = tiny
+    tok = proc.tokenizer
+    a = SYS
+    b = SYS + " Look at the picture carefully."
+    systems = [a, b, None]
+    texts = [chat_text(proc, q, system=sy) for q, sy in zip(QUESTIONS + QUESTIONS[:1], systems)]
+    images = [[random_image(w, h, i)] for i, (w, h) in enumerate(SIZES + SIZES[:1])]
+    batch = proc(text=texts, images=images, return_tensors="pt", padding=True)
+    with attn_mod.patch(model, proc, backend="torch", system_text=[a, b, a]) as handle, torch.no_grad():
+        model(**batch)
+        cats = handle.categories.long()
+    for row, sy in enumerate(systems):
+        want = gemma3_categories(proc, {k: v[row:row + 1] for k, v in batch.items()}, system=sy)[0]
+        assert torch.equal(cats[row], want), row
+    assert tok.decode(batch["input_ids"][1][cats[1] == SYSTEM]) == b + "\n\n"
+    assert tok.decode(batch["input_ids"][0][cats[0] == SYSTEM]) == a + "\n\n"
+    assert not (cats[2] == SYSTEM).any()
 
 
 # ------------------------------------------------------------------------------ generate / cache
@@ -437,3 +460,23 @@ def test_bidirectional_sliding_layers_are_refused():
     with attn_mod.patch(model, proc, backend="torch"), torch.no_grad():
         with pytest.raises(NotImplementedError, match="bidirectional sliding-window"):
             model(**batch)
+
+
+def test_eval_labels_the_system_prompt_it_passes(tmp_path):
+    """`attn-mod eval --system` on Gemma3 (whose template folds the system prompt into the first user turn): the
+    sweep hands its prompt to the labels, so SYSTEM holds exactly its tokens and VAS is defined; the batched
+    prompts nest their images per sample as Gemma3's processor needs."""
+    import json
+    import math
+
+    from attn_mod.cli import main as cli_main
+    from attn_mod.eval.datasets import make_synthetic_benchmark
+    from attn_mod.tiny import build_processor, save_tiny
+
+    model = save_tiny("gemma3", tmp_path / "m")
+    n_sys = len(build_processor("gemma3").tokenizer.encode(SYS + "\n\n", add_special_tokens=False))
+    tsv = make_synthetic_benchmark(tmp_path / "b.tsv", n=3, seed=1)
+    assert cli_main(["eval", "--model", str(model), "--data", str(tsv), "--max-new-tokens", "2", "--batch-size", "2",
+                     "--attention-metrics", "--no-progress", "--system", SYS, "--out", str(tmp_path / "ev")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3 and all(r["n_system"] == n_sys and math.isfinite(r["vas"]) for r in rows)

@@ -70,6 +70,13 @@ class TrainSample:
     def has_system(self) -> bool:
         return self.messages[0]["role"] == "system"
 
+    def system_text(self) -> str | None:
+        """Text of the system turn (its text parts joined), or None without one."""
+        if not self.has_system:
+            return None
+        content = self.messages[0]["content"]
+        return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+
     def prompt_messages(self) -> list[dict]:
         """The messages without the last assistant turn (the GRPO prompt / the SFT context)."""
         return [dict(m) for m in (self.messages[:-1] if self.has_assistant else self.messages)]

@@ -82,9 +82,10 @@ def render_prompt(processor, req: Request) -> str:
 
 
 def _nests_images(processor) -> bool:
-    from transformers import Idefics3Processor, SmolVLMProcessor
+    """Processors that read a flat image list as ONE sample's images (they take them nested per sample)."""
+    from transformers import Gemma3Processor, Idefics3Processor, MllamaProcessor, SmolVLMProcessor
 
-    return isinstance(processor, (Idefics3Processor, SmolVLMProcessor))
+    return isinstance(processor, (Idefics3Processor, SmolVLMProcessor, Gemma3Processor, MllamaProcessor))
 
 
 def encode_batch(processor, requests: Sequence[Request], device) -> dict:
@@ -94,7 +95,7 @@ def encode_batch(processor, requests: Sequence[Request], device) -> dict:
     per_sample = [list(r.placed_images()) for r in requests]
     images = [im for ims in per_sample for im in ims]
     kwargs = dict(text=texts, return_tensors="pt", padding=True)
-    if images:  # Idefics3 / SmolVLM processors read a flat list as ONE sample's images: nest them per sample
+    if images:  # Idefics3 / SmolVLM / Gemma3 / Mllama read a flat list as ONE sample's images: nest per sample
         kwargs["images"] = per_sample if _nests_images(processor) else images
     side = getattr(tok, "padding_side", "left")
     tok.padding_side = "left"  # decoder-only generation needs left padding; restored below

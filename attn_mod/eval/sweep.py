@@ -204,7 +204,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, limit: int | None = None
     mine = my_units([u for u in units if todo_of(u)], ctx.rank, ctx.world)
     total = sum(len(v) for v in samples.values()) * len(cells) if ctx.world == 1 else sum(map(len, map(todo_of, mine)))
     todo = sum(len(todo_of(u)) for u in mine)
-    handle = patch(model, processor, backend=cfg.backend)
+    # Gemma3 merges the system prompt into the first user turn: its labels need the prompt texts of this sweep
+    system_texts = [t for t in [cfg.system, *(d.system for d, _ in datasets)] if t]
+    handle = patch(model, processor, backend=cfg.backend, system_text=system_texts)
     bar = tqdm(total=total, initial=total - todo, disable=not progress or not ctx.is_main, unit="sample",
                dynamic_ncols=True)
     new_records = 0

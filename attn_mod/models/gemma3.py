@@ -107,13 +107,15 @@ def gemma3_markers(tokenizer, image_token_id: int) -> Gemma3Markers:
     return markers
 
 
-def system_candidates(tokenizer, system_text: str | None) -> tuple[tuple[int, ...], ...]:
+def system_candidates(tokenizer, system_text: str | tuple[str, ...] | None) -> tuple[tuple[int, ...], ...]:
     """Id sequences the template's system prefix "{system}\\n\\n" can start the first user turn with, longest first:
-    the prefix with its separator, then the text alone (when the separator merged with the next token)."""
-    if not system_text:
-        return ()
+    for each system text the prefix with its separator, then the text alone (when the separator merged with the
+    next token). Several texts (a tuple): the candidates of all of them, longest first, so that a prompt that
+    extends another one is matched whole."""
+    texts = (system_text,) if isinstance(system_text, str) else tuple(system_text or ())
     enc = lambda text: tuple(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    return tuple(dict.fromkeys(c for c in (enc(system_text + "\n\n"), enc(system_text)) if c))
+    cands = dict.fromkeys(c for t in texts if t for c in (enc(t + "\n\n"), enc(t)) if c)
+    return tuple(sorted(cands, key=len, reverse=True))
 
 
 def block_ids(token_type_ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -50,6 +50,7 @@ from .config import TrainConfig
 from .data import Batch, Collator, EncodedDataset, load_train_samples
 
 VISION_PARAM_KEYS = ("visual.", "vision_tower", "vision_model", "multi_modal_projector")
+TRAIN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # model types the collator (data.py) encodes
 
 
 def _fsdp_on_cpu(acc) -> None:
@@ -145,7 +146,7 @@ class Recipe:
         self.collator, self.dataset = self._setup_data(model_config)  # data errors before the weights load
         self.model, _ = self._setup_model()
         self.handle = patch(self.model, self.processor, backend=self.cfg.model.backend,
-                            sink_category=self.cfg.model.sink_category)
+                            sink_category=self.cfg.model.sink_category, system_text=self._system_texts())
         self.peft_model = self._setup_lora()
         self.total_steps = self._total_steps()
         self.optimizer = self._setup_optimizer()
@@ -169,6 +170,8 @@ class Recipe:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+        if not torch.cuda.is_available():  # DeepSpeed, when installed, is imported by accelerate's model unwrapping
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # at every save; say CPU so it does not warn it guessed
         # Vision weights that train but see a text-only batch get no gradient: DDP must expect unused params.
         unused = not self.cfg.model.freeze_vision and not self.cfg.lora.enabled
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
@@ -335,9 +338,16 @@ class Recipe:
         from ..regions import FAMILY_GEOMETRY
 
         d = self.cfg.data
+        family = getattr(model_config, "model_type", None)
+        if family not in TRAIN_FAMILIES:
+            raise NotImplementedError(
+                f"attn-mod train supports the {' / '.join(TRAIN_FAMILIES)} families; {family!r} is not wired into "
+                "its collator (attn_mod/trainers/data.py reads ChatML turns and Qwen's image_grid_thw / "
+                "mm_token_type_ids to place labels and target boxes). For this model compute the objectives in "
+                "your own loop: attn_mod.patch(model, processor) labels its tokens, attn_mod.capture(model, "
+                "detach=False) gives the masses with gradients, attn_mod.trainers.losses / rewards the formulas")
         samples = load_train_samples(d.train, require_assistant=self.require_assistant, limit=d.limit,
                                      system_prompt=d.system_prompt)
-        family = getattr(model_config, "model_type", None)
         collator = Collator(self.processor, image_token_id=getattr(model_config, "image_token_id", None),
                             cutoff=d.cutoff, overflow=d.overflow, padding_side=d.padding_side,
                             box_convention=d.box_convention, box_rule=d.box_rule,
@@ -345,6 +355,11 @@ class Recipe:
         dataset = EncodedDataset(samples, collator, progress=self.cfg.logging.progress and
                                  self.accelerator.is_main_process)
         return collator, dataset
+
+    def _system_texts(self) -> list[str]:
+        """The data's distinct system prompts: the labels of templates that merge the system prompt into the first
+        user turn (Gemma3) need its text to find it (`attn_mod.patch(system_text=...)`)."""
+        return sorted({t for t in (s.system_text() for s in self.dataset.samples) if t})
 
     def global_batch(self) -> int:
         s = self.cfg.schedule

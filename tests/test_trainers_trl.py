@@ -551,3 +551,24 @@ def test_import_without_trl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "ERR AttentionSFTTrainer needs trl: pip install 'attn-mod[train]'" in out.stdout
+
+
+def test_completion_batch_nests_images_for_processors_that_need_it():
+    """Gemma3's processor reads a flat image list as ONE prompt's images: the teacher-forced batch gives it the
+    images per prompt, and each row's prompt part equals that prompt processed alone."""
+    from attn_mod.tiny import build_processor
+
+    proc = build_processor("gemma3")
+    prompts = [_prompt(random_image(40 + 10 * i, 30, i), system=i == 0) for i in range(2)]
+    comps = [[5, 6, 7], [8]]
+    batch = build_completion_batch(proc, prompts, comps, pad_token_id=proc.tokenizer.pad_token_id)
+    P = batch["prompt_length"]
+    assert batch["pixel_values"].shape[0] == 2 and batch["images_per_prompt"] == [1, 1]
+    for b, p in enumerate(prompts):
+        text = proc.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+        alone = proc(text=[text], images=[[p[-1]["content"][0]["image"]]], return_tensors="pt",
+                     add_special_tokens=False)["input_ids"][0]
+        row = batch["input_ids"][b][:P][batch["attention_mask"][b][:P].bool()]
+        assert torch.equal(row, alone)
+        assert batch["input_ids"][b][P:P + len(comps[b])].tolist() == comps[b]
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape

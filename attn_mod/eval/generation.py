@@ -81,7 +81,7 @@ def render_prompt(processor, req: Request) -> str:
     return processor.apply_chat_template(chat_messages(req), add_generation_prompt=True, tokenize=False)
 
 
-def _nests_images(processor) -> bool:
+def processor_nests_images(processor) -> bool:
     """Processors that read a flat image list as ONE sample's images (they take them nested per sample)."""
     from transformers import Gemma3Processor, Idefics3Processor, MllamaProcessor, SmolVLMProcessor
 
@@ -96,7 +96,7 @@ def encode_batch(processor, requests: Sequence[Request], device) -> dict:
     images = [im for ims in per_sample for im in ims]
     kwargs = dict(text=texts, return_tensors="pt", padding=True)
     if images:  # Idefics3 / SmolVLM / Gemma3 / Mllama read a flat list as ONE sample's images: nest per sample
-        kwargs["images"] = per_sample if _nests_images(processor) else images
+        kwargs["images"] = per_sample if processor_nests_images(processor) else images
     side = getattr(tok, "padding_side", "left")
     tok.padding_side = "left"  # decoder-only generation needs left padding; restored below
     try:

@@ -184,8 +184,10 @@ def build_completion_batch(processor, prompts: Sequence, completion_ids: Sequenc
     flat = [im for ims in per_prompt for im in ims]
     tok = getattr(processor, "tokenizer", processor)
     kwargs = dict(text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    if flat:
-        kwargs["images"] = flat
+    if flat:  # Gemma3 / Mllama / Idefics3 / SmolVLM processors take the images nested per prompt
+        from ..eval.generation import processor_nests_images
+
+        kwargs["images"] = per_prompt if processor_nests_images(processor) else flat
     side = getattr(tok, "padding_side", "left")
     tok.padding_side = "left"
     try:

@@ -250,30 +250,25 @@ def main(argv=None):
                 out.put(row)
         except Exception as e:
             out.put(dict(step="registers", error=f"{type(e).__name__}: {str(e)[:300]}"))
+    def script_step(step, cmd, *, timeout, note):
+        t = time.time()
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            out.put(dict(step=step, rc=res.returncode, seconds=round(time.time() - t, 1),
+                         tail=res.stdout[-1500:] + res.stderr[-1500:]))
+        except subprocess.TimeoutExpired:
+            out.put(dict(step=step, rc="timeout", seconds=round(time.time() - t, 1), note=note))
+
     if "bench" not in a.skip and left() > 45:
-        cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--quick", "--reps", "5",
-               "--out-dir", str(a.out_dir / "bench")]
-        t = time.time()
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, left() - 40), cwd=ROOT)
-            out.put(dict(step="bench", rc=res.returncode, seconds=round(time.time() - t, 1),
-                         tail=res.stdout[-1500:] + res.stderr[-1500:]))
-        except subprocess.TimeoutExpired:
-            out.put(dict(step="bench", rc="timeout", seconds=round(time.time() - t, 1),
-                         note="rows that finished are in bench/attention.jsonl"))
+        script_step("bench", [sys.executable, str(ROOT / "bench" / "attention.py"), "--quick", "--reps", "5",
+                              "--out-dir", str(a.out_dir / "bench")],
+                    timeout=max(30, left() - 40), note="rows that finished are in bench/attention.jsonl")
     if "train_memory" not in a.skip and left() > 150:
-        cmd = [sys.executable, str(ROOT / "bench" / "train_memory.py"), "--device", "cuda", "--width", "real",
-               "--dtype", "bfloat16", "--backend", "triton", "--layers", "2", "--seqs", "8192", "16384", "32768",
-               "--out", str(a.out_dir / "train_memory.json"), "--results-md", str(a.out_dir / "train_memory.md"),
-               "--timeout-s", "120"]
-        t = time.time()
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, left() - 100), cwd=ROOT)
-            out.put(dict(step="train_memory", rc=res.returncode, seconds=round(time.time() - t, 1),
-                         tail=res.stdout[-1500:] + res.stderr[-1500:]))
-        except subprocess.TimeoutExpired:
-            out.put(dict(step="train_memory", rc="timeout", seconds=round(time.time() - t, 1),
-                         note="rows that finished are in train_memory.json"))
+        script_step("train_memory", [
+            sys.executable, str(ROOT / "bench" / "train_memory.py"), "--device", "cuda", "--width", "real", "--dtype",
+            "bfloat16", "--backend", "triton", "--layers", "2", "--seqs", "8192", "16384", "32768", "--out",
+            str(a.out_dir / "train_memory.json"), "--results-md", str(a.out_dir / "train_memory.md"), "--timeout-s",
+            "120"], timeout=max(60, left() - 100), note="rows that finished are in train_memory.json")
     if "pytest" not in a.skip and left() > 90:
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py"]
         try:

@@ -19,7 +19,7 @@ rows that see no image have zero masses). See `attn_mod.models.mllama` for what 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -51,6 +51,8 @@ class Recording:
         self._cats: list[torch.Tensor] = []
         self._cross_runs: list[dict[int, list[torch.Tensor]]] = []
         self._cross_cats: list[torch.Tensor | None] = []
+        self._blocks: list[torch.Tensor | None] = []
+        self._windows: dict[int, int | None] = {}  # sliding window of each recorded layer (None: full attention)
         self._state: PatchState | None = None
 
     # called by the patch state --------------------------------------------------------------
@@ -60,16 +62,19 @@ class Recording:
         if new_run or not self._runs:
             self._runs.append({})
             self._cats.append(state.labels)
+            self._blocks.append(getattr(state, "blocks", None))
             self._cross_runs.append({})
             self._cross_cats.append(None if cross is None else cross.key_cats)
         else:
             self._cats[-1] = state.labels
+            self._blocks[-1] = getattr(state, "blocks", None)
 
     def _wants(self, layer: int) -> bool:
         return layer in self._layer_set
 
-    def _record(self, layer: int, mass: torch.Tensor) -> None:
+    def _record(self, layer: int, mass: torch.Tensor, window: int | None = None) -> None:
         self._runs[-1].setdefault(layer, []).append(mass.detach() if self.detach else mass)
+        self._windows[layer] = window
 
     def _record_cross(self, layer: int, mass: torch.Tensor) -> None:
         self._cross_runs[-1].setdefault(layer, []).append(mass.detach() if self.detach else mass)
@@ -145,6 +150,20 @@ class Recording:
     @property
     def cross_categories(self) -> torch.Tensor:
         return self.cross_categories_of(-1)
+
+    def windows(self, layers: Sequence[int] | None = None) -> tuple[int | None, ...]:
+        """Sliding window of each of `layers` (default: `self.layers`, the order of `masses()`) as the layer
+        attended (None = full attention): key j is visible from the row at slot p iff p - j < window."""
+        return tuple(self._windows.get(layer % self.num_layers) for layer in (self.layers if layers is None else layers))
+
+    def block_ids_of(self, run: int = -1) -> torch.Tensor | None:
+        """(B, K) int ids of the bidirectional image blocks of `run` (Gemma3; 0 = no block), or None (causal)."""
+        self._run(run)
+        return self._blocks[run]
+
+    @property
+    def block_ids(self) -> torch.Tensor | None:
+        return self.block_ids_of(-1)
 
     def categories_of(self, run: int = -1) -> torch.Tensor:
         self._run(run)

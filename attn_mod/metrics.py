@@ -151,13 +151,35 @@ def vas(rec, *, layers="all", rows="response", form: str = "ratio", eps: float =
     return vas_from_masses(masses, rec.query_categories(run), layers=chosen, rows=rows, form=form, eps=eps)
 
 
-def visible_counts(key_cats: torch.Tensor, num_rows: int, causal: bool = True) -> torch.Tensor:
-    """(B, Q, C) number of keys of each category visible to each of the last `num_rows` rows."""
+def visible_counts(key_cats: torch.Tensor, num_rows: int, causal: bool = True, *, window: int | None = None,
+                   block_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Q, C) number of keys of each category visible to each of the last `num_rows` rows (row i sits at key
+    slot p = K - num_rows + i). Visibility is the operator's (kernels/spec.py): causal j <= p, OR the same
+    non-zero image block (`block_ids` (B, K), Gemma3: block keys ahead of p too), AND p - j < `window` (a
+    sliding-window layer; keys ahead are unaffected). causal=False: every key (cross-attention)."""
     oh = torch.nn.functional.one_hot(key_cats.long(), NUM_CATEGORIES).float()  # (B, K, C)
-    K = key_cats.shape[1]
+    B, K, C = oh.shape
     if not causal:
         return oh.sum(1, keepdim=True).expand(-1, num_rows, -1)
-    return oh.cumsum(dim=1)[:, K - num_rows:]
+    cs = torch.cat([oh.new_zeros(B, 1, C), oh.cumsum(dim=1)], dim=1)  # cs[:, j] = keys 0..j-1
+    p = torch.arange(K - num_rows, K, device=oh.device)
+    behind = cs[:, p + 1]
+    if window is not None:
+        behind = behind - cs[:, (p + 1 - window).clamp(min=0)]
+    if block_ids is None or not bool((block_ids != 0).any()):
+        return behind
+    ahead = torch.zeros_like(oh)  # (B, K, C): keys of p's own block after p
+    blk = block_ids.to(oh.device).long()
+    for b in range(B):
+        ids = blk[b]
+        change = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+        starts = torch.cat([ids.new_zeros(1), change])
+        ends = torch.cat([change, ids.new_tensor([K])])
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            if ids[s] != 0:  # a run of one block: keys after p within it, by a reversed cumulative sum
+                run = oh[b, s:e]
+                ahead[b, s:e] = run.flip(0).cumsum(0).flip(0) - run
+    return behind + ahead[:, p]
 
 
 @dataclass(repr=False)
@@ -193,13 +215,30 @@ class TargetAttention:
                 f"v={self.mean('v'):.4g}, R_a={self.mean('R_a'):.4g})")
 
 
+def layer_visible_counts(key_cats: torch.Tensor, num_rows: int, num_layers: int, *, causal: bool = True,
+                         windows: Sequence[int | None] | None = None,
+                         block_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(L, B, Q, C) `visible_counts` of each of L layers: `windows` one per layer (None entries: full attention;
+    `rec.windows()`), `block_ids` (B, K) shared (`rec.block_ids`); windows=None: every layer full."""
+    windows = (None,) * num_layers if windows is None else tuple(windows)
+    if len(windows) != num_layers:
+        raise ValueError(f"windows has {len(windows)} entries for {num_layers} layers of masses; pass one per layer "
+                         "(rec.windows(layers)) or None")
+    cache = {w: visible_counts(key_cats, num_rows, causal, window=w, block_ids=block_ids) for w in set(windows)}
+    return torch.stack([cache[w] for w in windows])
+
+
 def target_attention_from_masses(masses: torch.Tensor, key_cats: torch.Tensor, *, layers: Sequence[int] | None = None,
-                                 eps: float = SAYO_EPS, causal: bool = True) -> TargetAttention:
+                                 eps: float = SAYO_EPS, causal: bool = True,
+                                 windows: Sequence[int | None] | None = None,
+                                 block_ids: torch.Tensor | None = None) -> TargetAttention:
     """a(i), v(i), R_a(i) from masses (L, B, Hq, Q, C) and key-slot categories (B, K) (rows = last Q slots).
     causal=False: every key counts for every row (cross-attention masses: `rec.cross_masses()`,
-    `rec.cross_categories`)."""
+    `rec.cross_categories`). windows / block_ids: the layers' sliding windows and the image blocks (Gemma3;
+    `rec.windows(layers)`, `rec.block_ids`), so that n_X counts the keys each row really sees."""
     L, B, H, Q, _ = masses.shape
-    counts = visible_counts(key_cats.to(masses.device), Q, causal=causal)  # (B, Q, C)
+    counts = layer_visible_counts(key_cats.to(masses.device), Q, L, causal=causal, windows=windows,
+                                  block_ids=block_ids)  # (L, B, Q, C)
     n_target = counts[..., TARGET]
     n_img = counts[..., IMAGE] + n_target
     m = masses.float().mean(dim=2)  # mean over heads: (L, B, Q, C)
@@ -214,7 +253,8 @@ def target_attention(rec, *, layers=(-1,), eps: float = SAYO_EPS, run: int = -1)
     """SAYO a / v / R_a of a `Recording` at `layers` (default: the last layer)."""
     chosen = tuple(layer % rec.num_layers for layer in (rec.layers if layers == "all" else layers))
     masses = torch.stack([rec.mass(layer, run) for layer in chosen])
-    return target_attention_from_masses(masses, rec.categories_of(run), layers=chosen, eps=eps)
+    return target_attention_from_masses(masses, rec.categories_of(run), layers=chosen, eps=eps,
+                                        windows=rec.windows(chosen), block_ids=rec.block_ids_of(run))
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -280,4 +320,4 @@ def write_csv(records: Sequence[dict], path: str | Path) -> Path:
 
 __all__ = ["ROW_SETS", "ROW_SET_MEANING", "TargetAttention", "VASResult", "image_mass", "per_token_records",
            "select_rows", "target_attention", "target_attention_from_masses", "token_entropy", "vas",
-           "vas_from_masses", "visible_counts", "write_csv", "write_jsonl"]
+           "vas_from_masses", "visible_counts", "layer_visible_counts", "write_csv", "write_jsonl"]

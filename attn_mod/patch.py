@@ -227,7 +227,7 @@ class PatchState:
         if want_mass and not recomputing:
             for rec in self.recorders:
                 if rec._wants(layer):
-                    rec._record(layer, res.mass)
+                    rec._record(layer, res.mass, window)
         if self.taps and not recomputing:
             if offset:
                 raise NotImplementedError(f"per-key attention rows (record_rows) of sliding-window layer {layer} "

@@ -480,3 +480,74 @@ def test_eval_labels_the_system_prompt_it_passes(tmp_path):
                      "--attention-metrics", "--no-progress", "--system", SYS, "--out", str(tmp_path / "ev")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
     assert len(rows) >= 3 and all(r["n_system"] == n_sys and math.isfinite(r["vas"]) for r in rows)
+
+
+_MASKS: dict = {}
+
+
+def _mask_spy(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The model's own eager attention, keeping the float mask it built for each layer (window, blocks, padding)."""
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    _MASKS[module.layer_idx] = attention_mask.detach().clone()
+    return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   **kwargs)
+
+
+AttentionInterface.register("test_gemma3_mask_spy", _mask_spy)
+AttentionMaskInterface.register("test_gemma3_mask_spy", eager_mask)
+
+
+def test_visible_counts_follow_the_models_window_and_image_blocks(tiny):
+    """n_X (SAYO a / v, AGTO m_X) counts the keys each row really sees: equal, on every layer, to the keys the
+    model's own mask leaves visible (sliding layers cut the keys more than a window behind, image rows see their
+    whole image); target_attention and agto_losses use those counts (checked against a float64 computation from
+    the captured masses and the model's masks)."""
+    from attn_mod.metrics import layer_visible_counts, target_attention
+    from attn_mod.trainers.losses import agto_losses
+
+    model, eager, proc = tiny
+    batch = gemma3_inputs(proc, QUESTIONS, SIZES)
+    _MASKS.clear()
+    eager.set_attn_implementation({"text_config": "test_gemma3_mask_spy"})
+    try:
+        with torch.no_grad():
+            eager(**batch)
+    finally:
+        eager.set_attn_implementation({"text_config": "eager"})
+    with attn_mod.patch(model, proc, backend="torch", system_text=SYS), torch.no_grad():
+        with attn_mod.capture(model) as rec:
+            model(**batch)
+    L, S = rec.num_layers, batch["input_ids"].shape[1]
+    windows = rec.windows()
+    assert len(_MASKS) == L and any(w is not None and w < S for w in windows) and None in windows
+    assert rec.block_ids is not None and int(rec.block_ids.max()) == 1
+    cats = rec.categories.long()
+    valid = batch["attention_mask"].bool()  # compare non-pad rows
+    counts = layer_visible_counts(rec.categories, S, L, windows=windows, block_ids=rec.block_ids)
+    oh = onehot(cats).double()
+    ref = []
+    for layer in range(L):
+        vis = (_MASKS[layer][:, 0] == 0).double()  # (B, Q, K): 0 = visible in the additive mask
+        ref.append(torch.einsum("bqk,bkc->bqc", vis, oh))
+    ref = torch.stack(ref)  # (L, B, S, C)
+    keep = [c for c in range(8) if c != PAD]
+    for layer in range(L):
+        torch.testing.assert_close(counts[layer][valid][:, keep].double(), ref[layer][valid][:, keep], rtol=0, atol=0)
+    # the window really bites: some row sees fewer image keys in a sliding layer than in a global one
+    n_img = ref[..., IMAGE] + ref[..., TARGET]
+    slid = [i for i, w in enumerate(windows) if w is not None]
+    full = [i for i, w in enumerate(windows) if w is None]
+    assert (n_img[slid[0]][valid] < n_img[full[0]][valid]).any()
+    # consumers: v of SAYO and L_img with those counts
+    m = rec.masses().double()  # (L, B, H, S, C)
+    img = (m[..., IMAGE] + m[..., TARGET]).mean(2)  # (L, B, S)
+    want_v = torch.where(n_img > 0, img / n_img.clamp_min(1), torch.tensor(float("nan"), dtype=torch.float64))
+    ta = target_attention(rec, layers="all")
+    torch.testing.assert_close(ta.v[:, valid].double(), want_v[:, valid], rtol=1e-5, atol=1e-9, equal_nan=True)
+    rows = valid & (cats != IMAGE) & (cats != SYSTEM)  # every text row
+    got = agto_losses(rec.masses(), rec.categories, rows, windows=windows, block_ids=rec.block_ids)
+    per = (m[..., IMAGE] + m[..., TARGET]) / n_img.clamp_min(1)[:, :, None, :]  # (L, B, H, S)
+    use = (rows[None] & (n_img > 0)).double()  # (L, B, S)
+    mx = (per * use[:, :, None]).sum(-1) / use.sum(-1)[:, :, None]  # (L, B, H)
+    torch.testing.assert_close(got.loss_img.double(), -torch.log(mx + 1e-6).mean(), rtol=1e-6, atol=1e-9)

@@ -2,20 +2,23 @@
 
 Inputs come from `attn_mod.capture(model, layers=..., detach=False)` around a teacher-forced forward:
 masses (L, B, Hq, S, C) (query rows = the last S key slots), key-slot categories (B, K) and a (B, S) bool
-query-row set Q. "Image" mass is IMAGE + TARGET; n_X(i) = number of keys of set X visible to row i
-(causal, padding excluded; `attn_mod.metrics.visible_counts`).
+query-row set Q. "Image" mass is IMAGE + TARGET; n_X(l, i) = number of keys of set X visible to row i in
+layer l (causal, padding excluded; within the layer's sliding window and with Gemma3's bidirectional image
+blocks where the model has them: `windows` / `block_ids`; `attn_mod.metrics.visible_counts`).
 
 For every layer l in the captured set, head h in `heads`, sample b:
 
-    m_X(l, h, b) = mean_{i in Q_b, n_X(i) > 0}  mass_X(l, h, b, i) / n_X(i)        X in {img, sys}
+    m_X(l, h, b) = mean_{i in Q_b, n_X(l, i) > 0}  mass_X(l, h, b, i) / n_X(l, i)        X in {img, sys}
 
-    L_img = - mean_{l, h, b in B_img}  log(m_img(l, h, b) + eps)
-    L_sys = + mean_{l, h, b in B_sys}  log(m_sys(l, h, b) + eps)
+    L_img = - mean_{(l, b) in B_img, h}  log(m_img(l, h, b) + eps)
+    L_sys = + mean_{(l, b) in B_sys, h}  log(m_sys(l, h, b) + eps)
     L     =   L_LM + lambda_img L_img + lambda_sys L_sys          (lambda_img = lambda_sys = 0.15, eps = 1e-6)
 
-B_X (coverage) = the samples with at least one row of Q that sees a key of X. A sample without image keys
-(or without a system turn) adds nothing to that term; with no covered sample the term is exactly 0.
-Rows of Q that see no key of X (e.g. prompt rows before the image) are left out of m_X.
+B_X (coverage) = the (layer, sample) pairs with at least one row of Q that sees a key of X in that layer (with
+full attention in every layer: the samples with such a row, in all layers). A sample without image keys (or
+without a system turn) adds nothing to that term; with no covered pair the term is exactly 0. Rows of Q that see
+no key of X (e.g. prompt rows before the image, or past a sliding window) are left out of m_X. `samples_X` in
+the logs counts the samples covered in at least one layer.
 
 Q ("query" option): "response" (default) = rows whose tokens carry LM loss (labels != -100: the assistant
 reply, its end-of-turn token included; RESPONSE category when no labels are given); "prompt" = non-pad rows
@@ -30,7 +33,7 @@ import torch
 
 from ..categories import IMAGE, PAD, RESPONSE, SYSTEM, TARGET
 from ..kernels.spec import NUM_CATEGORIES
-from ..metrics import visible_counts
+from ..metrics import layer_visible_counts
 
 AGTO_EPS = 1e-6
 AGTO_LAMBDA = 0.15
@@ -98,32 +101,37 @@ def _check_masses(masses: torch.Tensor, rows: torch.Tensor, key_cats: torch.Tens
 
 
 def _term(per_row: torch.Tensor, usable: torch.Tensor, eps: float, sign: float) -> tuple[torch.Tensor, int]:
-    """per_row (L, B, H, S) = mass_X / n_X; usable (B, S) rows of Q seeing X -> (sign * mean log(m_X + eps), #samples)."""
-    n = usable.sum(dim=1)  # (B,)
+    """per_row (L, B, H, S) = mass_X / n_X; usable (L, B, S) rows of Q seeing X in that layer
+    -> (sign * mean over covered (l, b) and h of log(m_X + eps), #samples covered in some layer)."""
+    n = usable.sum(dim=-1)  # (L, B)
     covered = n > 0
-    count = int(covered.sum())
+    count = int(covered.any(dim=0).sum())
     if count == 0:
         return per_row.new_zeros(()), 0
     u = usable.to(per_row.dtype)
-    m = (per_row * u[None, :, None, :]).sum(-1)[:, covered] / n[covered].to(per_row.dtype)[None, :, None]  # (L, b, H)
-    return sign * torch.log(m + eps).mean(), count
+    m = (per_row * u[:, :, None, :]).sum(-1) / n.clamp_min(1).to(per_row.dtype)[:, :, None]  # (L, B, H)
+    logs = torch.log(m + eps)
+    return sign * logs[covered[:, :, None].expand_as(logs)].mean(), count
 
 
 def agto_losses(masses: torch.Tensor, key_cats: torch.Tensor, rows: torch.Tensor, *, heads=None,
-                eps: float = AGTO_EPS) -> AGTOResult:
-    """L_img, L_sys (module docstring) from masses (L, B, Hq, S, C), key categories (B, K), rows Q (B, S) bool."""
+                eps: float = AGTO_EPS, windows=None, block_ids: torch.Tensor | None = None) -> AGTOResult:
+    """L_img, L_sys (module docstring) from masses (L, B, Hq, S, C), key categories (B, K), rows Q (B, S) bool.
+    windows (one per layer of masses, None = full) / block_ids (B, K): sliding windows and image blocks (Gemma3;
+    `rec.windows()`, `rec.block_ids`) so that n_X counts the keys each row sees; default causal, full."""
     _check_masses(masses, rows, key_cats)
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     m = masses.to(torch.promote_types(masses.dtype, torch.float32))
     m = m[:, :, _head_mask(heads, m.shape[2], m.device)]
     S = m.shape[3]
-    counts = visible_counts(key_cats.to(m.device), S).to(m.dtype)  # (B, S, C)
+    counts = layer_visible_counts(key_cats.to(m.device), S, m.shape[0], windows=windows,
+                                  block_ids=block_ids).to(m.dtype)  # (L, B, S, C)
     n_img = counts[..., IMAGE] + counts[..., TARGET]
     n_sys = counts[..., SYSTEM]
     q = rows.to(m.device).bool()
-    img = (m[..., IMAGE] + m[..., TARGET]) / n_img.clamp_min(1)[None, :, None, :]
-    sys_ = m[..., SYSTEM] / n_sys.clamp_min(1)[None, :, None, :]
+    img = (m[..., IMAGE] + m[..., TARGET]) / n_img.clamp_min(1)[:, :, None, :]
+    sys_ = m[..., SYSTEM] / n_sys.clamp_min(1)[:, :, None, :]
     loss_img, samples_img = _term(img, q & (n_img > 0), eps, -1.0)
     loss_sys, samples_sys = _term(sys_, q & (n_sys > 0), eps, +1.0)
     return AGTOResult(loss_img, loss_sys, samples_img, samples_sys)

@@ -396,7 +396,8 @@ class _AttentionReward:
         vas = vas_from_masses(masses, rec.query_categories(), rows=rows).value
         has_sys = (rec.categories.to(masses.device).long() == SYSTEM).any(1)  # no system turn: VAS undefined
         stats["vas"].extend(torch.where(has_sys, vas, torch.full_like(vas, float("nan"))).tolist())
-        a = target_attention_from_masses(masses[-1:], rec.categories).a[0]  # (B, S), NaN without TARGET keys
+        a = target_attention_from_masses(masses[-1:], rec.categories, windows=rec.windows(rec.layers[-1:]),
+                                         block_ids=rec.block_ids).a[0]  # (B, S), NaN without TARGET keys
         ok = rows & ~torch.isnan(a)
         per = torch.where(ok, a, torch.zeros_like(a)).sum(1) / ok.sum(1).clamp_min(1)
         stats["target_attention"].extend(torch.where(ok.any(1), per, torch.full_like(per, float("nan"))).tolist())
@@ -568,7 +569,7 @@ if _SFTTrainer is not None:
             run = 0  # TRL's loss forward; an eval forward for logits (return_outputs) comes after it
             rows = agto_rows(rec.query_categories(run), labels, query=self.attn_query)
             agto = agto_losses(rec.masses(run), rec.categories_of(run), rows, heads=self.attn_heads,
-                               eps=self.attn_eps)
+                               eps=self.attn_eps, windows=rec.windows(), block_ids=rec.block_ids_of(run))
             # When TRL's loss is normalised by the tokens of the whole accumulated batch (Trainer then does not
             # divide by the accumulation steps), the per-micro-batch AGTO means are averaged over the steps here,
             # as TRL does for its MoE aux loss; otherwise Trainer divides the total.

@@ -228,9 +228,12 @@ def test_vlmevalkit_tsv_as_prompt_source(tmp_path):
     assert all(p.has_system and not p.has_assistant and len(p.images) == 1 for p in prompts)
     assert prompts[0].load_images()[0].size == bench[0].load_image().size
     proc = build_processor("qwen2_5_vl")
-    coll = Collator(proc, image_token_id=proc.tokenizer.convert_tokens_to_ids("<|image_pad|>"), train_on="none")
+    from attn_mod.tiny import tiny_config
+
+    config = tiny_config("qwen2_5_vl", proc.tokenizer)
+    coll = Collator(proc, config, train_on="none")
     with pytest.raises(ValueError, match="has no image processor"):  # a bare tokenizer would drop the images
-        Collator(proc.tokenizer, train_on="none").encode(prompts[0])
+        Collator(proc.tokenizer, config, train_on="none").encode(prompts[0])
     enc = [coll.encode(p) for p in prompts]
     header = [proc.tokenizer.convert_tokens_to_ids("<|im_start|>")] + proc.tokenizer.encode("assistant\n")
     for e, s in zip(enc, bench):

@@ -1,16 +1,22 @@
 """Training samples -> model inputs: chat template, labels, padding, TARGET masks, cutoff.
 
-    collator = Collator(processor, image_token_id=model.config.image_token_id, cutoff=8192)
+    collator = Collator(processor, model.config, cutoff=8192)
     dataset = EncodedDataset(read_samples("train.jsonl", require_assistant=True), collator)  # validates all
     batch = collator.collate([dataset[i] for i in (0, 1)])
     model(**batch.model_inputs); batch.labels; batch.target_mask
 
-Labels (SFT): the tokens of the LAST assistant turn, from the first token after its `<|im_start|>assistant\\n`
-header through its end-of-turn token `<|im_end|>` inclusive; -100 everywhere else. Found by exact token ids
-(the chat template's role markers), never by character offsets. TARGET: the visual tokens inside the sample's
-pixel boxes (`attn_mod.regions.target_token_mask`), handed to the patched model with `handle.set_target(mask)`.
-Cutoff: a sample longer than `cutoff` tokens is truncated (its first `cutoff` tokens kept; if that would cut an
-image or leave no label token it is dropped) or dropped, as configured; both are counted.
+Families: `TRAIN_FAMILIES` (Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, InternVL, Gemma3): one processor output per sample
+whose vision tensors concatenate along dim 0 (Qwen's patches + image_grid_thw, LLaVA's / Gemma3's images,
+InternVL's tiles) and whose per-token tensors (mm_token_type_ids, token_type_ids) pad like input_ids.
+
+Labels (SFT): the tokens of the LAST assistant turn, from the first token after its header through its
+end-of-turn token inclusive (`<|im_end|>`, LLaVA's `</s>`, Gemma3's `<end_of_turn>`); -100 everywhere else.
+Found by the family's own labeler (`attn_mod.models`: exact token ids of the chat template's role markers, the
+RESPONSE category of `attn_mod.patch`), never by character offsets. TARGET: the visual tokens inside the sample's
+pixel boxes (the family adapter's `box_mask`, as `handle.set_target(boxes=...)`), handed to the patched model
+with `handle.set_target(mask)`. Cutoff: a sample longer than `cutoff` tokens is truncated (its first `cutoff`
+tokens kept; if that would cut an image or leave no label token it is dropped) or dropped, as configured; both
+are counted.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..categories import RoleMarkers
+from ..categories import IMAGE, RESPONSE, TARGET
 from ..data.samples import SampleFormatError, TrainSample, read_samples
 
 IGNORE = -100
+TRAIN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "gemma3")  # model types the collator encodes
+TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # processor outputs aligned with input_ids (padded like it)
 _CACHE_BYTES = 512 * 2**20  # keep encodings in memory while they fit (no re-encoding per step)
 
 
@@ -38,10 +46,14 @@ class Encoded:
     sample: TrainSample
     input_ids: torch.Tensor
     labels: torch.Tensor
-    mm_token_type_ids: torch.Tensor | None
+    token_inputs: dict                    # (S,) tensors aligned with input_ids (mm_token_type_ids / token_type_ids)
     target: torch.Tensor | None           # (S,) bool TARGET mask or None
-    vision: dict = field(default_factory=dict)  # pixel_values, image_grid_thw (concatenated over images)
+    vision: dict = field(default_factory=dict)  # pixel_values, image_grid_thw ... (concatenated over images)
     truncated: bool = False
+
+    @property
+    def mm_token_type_ids(self) -> torch.Tensor | None:
+        return self.token_inputs.get("mm_token_type_ids")
 
     @property
     def length(self) -> int:
@@ -71,31 +83,45 @@ class Batch:
 
 
 class Collator:
-    """Encodes `TrainSample`s with the processor's own chat template and pads them into a `Batch`."""
+    """Encodes `TrainSample`s with the processor's own chat template and pads them into a `Batch`.
 
-    def __init__(self, processor, *, image_token_id: int | None = None, cutoff: int = 8192,
-                 overflow: str = "truncate", padding_side: str = "right", box_convention: str = "pixel",
-                 box_rule: str = "overlap", family: str | None = None, train_on: str = "last_assistant"):
+    model_config: the model's config (its `model_type` picks the family adapter: labels and box geometry)."""
+
+    def __init__(self, processor, model_config, *, cutoff: int = 8192, overflow: str = "truncate",
+                 padding_side: str = "right", box_convention: str = "pixel", box_rule: str = "overlap",
+                 train_on: str = "last_assistant"):
+        from types import SimpleNamespace
+
+        from ..models import get_adapter
+
         if overflow not in ("truncate", "drop"):
             raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if train_on not in ("last_assistant", "none"):
             raise ValueError(f"train_on must be 'last_assistant' or 'none', got {train_on!r}")
+        family = getattr(model_config, "model_type", None)
+        if family not in TRAIN_FAMILIES:
+            raise NotImplementedError(
+                f"attn-mod train supports the {' / '.join(TRAIN_FAMILIES)} families; {family!r} is not wired into "
+                "its collator (attn_mod/trainers/data.py: its processor returns per-sample padded vision tensors "
+                "or cross-attention inputs that the collator does not batch). For this model compute the "
+                "objectives in your own loop: attn_mod.patch(model, processor) labels its tokens, "
+                "attn_mod.capture(model, detach=False) gives the masses with gradients, attn_mod.trainers.losses / "
+                "rewards the formulas")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.markers = RoleMarkers.from_tokenizer(self.tokenizer)
-        self.image_token_id = image_token_id
+        self.config = model_config
+        self.adapter = get_adapter(SimpleNamespace(config=model_config))
+        self.labeler = self.adapter.labeler(SimpleNamespace(config=model_config), processor)
         self.cutoff = cutoff
         self.overflow = overflow
         self.padding_side = padding_side
         self.box_convention = box_convention
         self.box_rule = box_rule
-        self.family = family
         self.train_on = train_on
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
-        self._geometry = None
 
     # ------------------------------------------------------------------------------------- one sample
     def render(self, sample: TrainSample) -> str:
@@ -105,22 +131,24 @@ class Collator:
                                                       tokenize=False)
         return self.processor.apply_chat_template(list(sample.messages), tokenize=False)
 
-    def label_span(self, ids: list[int]) -> tuple[int, int] | None:
-        """[start, end) of the last assistant turn's body through its end-of-turn token, or None."""
-        m = self.markers
-        header = (m.turn_start, *m.assistant_header)
-        for pos in range(len(ids) - len(header), -1, -1):
-            if tuple(ids[pos:pos + len(header)]) == header:
-                start = pos + len(header)
-                end = start
-                while end < len(ids) and ids[end] != m.turn_end:
-                    end += 1
-                return start, min(end + 1, len(ids))
-        return None
+    @staticmethod
+    def label_span(cats: torch.Tensor) -> tuple[int, int] | None:
+        """[start, end) of the last assistant turn's body through its end-of-turn token (the last run of RESPONSE
+        in the family labeler's (S,) categories), or None."""
+        pos = (cats == RESPONSE).nonzero().flatten()
+        if pos.numel() == 0:
+            return None
+        end = int(pos[-1]) + 1
+        start = end - 1
+        while start > 0 and int(cats[start - 1]) == RESPONSE:
+            start -= 1
+        return start, end
 
     def encode(self, sample: TrainSample) -> Encoded | str:
         """The sample's `Encoded`, or a string saying why it was dropped ("too long" / "cut image" ...).
         Raises SampleFormatError (naming the sample's line) for data that cannot be used at all."""
+        from ..eval.generation import processor_nests_images
+
         images = sample.load_images()
         if images and getattr(self.processor, "image_processor", None) is None:
             raise ValueError(f"{sample.where}: the sample has images but the processor "
@@ -128,54 +156,49 @@ class Collator:
                              "processor (attn_mod.loading.load_processor), not only its tokenizer")
         kwargs = dict(text=[self.render(sample)], return_tensors="pt")
         if images:
-            kwargs["images"] = images
+            kwargs["images"] = [images] if processor_nests_images(self.processor) else images
         enc = self.processor(**kwargs)
         ids = enc["input_ids"][0]
+        S = ids.numel()
+        tokens = {k: enc[k][0] for k in TOKEN_KEYS if isinstance(enc.get(k), torch.Tensor)}
+        vision = {k: v for k, v in enc.items()
+                  if k not in ("input_ids", "attention_mask", *TOKEN_KEYS) and isinstance(v, torch.Tensor)}
+        cats = self.labeler(ids[None], mm_token_type_ids=None if "mm_token_type_ids" not in tokens else
+                            tokens["mm_token_type_ids"][None])[0]
         labels = torch.full_like(ids, IGNORE)
         if self.train_on == "last_assistant":
-            span = self.label_span(ids.tolist())
+            span = self.label_span(cats)
             if span is None:
                 raise SampleFormatError(f"{sample.where}: no assistant turn found in the chat-template output; "
                                         "the last message must be the assistant reply")
             labels[span[0]:span[1]] = ids[span[0]:span[1]]
-        mm = enc.get("mm_token_type_ids")
-        mm = None if mm is None else mm[0]
-        vision = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
-        target = self._target(sample, ids, mm, vision.get("image_grid_thw"), images)
+        target = self._target(sample, ids, {**tokens, **vision}, images)
         truncated = False
-        if ids.numel() > self.cutoff:
+        if S > self.cutoff:
             if self.overflow == "drop":
                 return "too long"
-            visual = self._visual(ids, mm)
+            visual = (cats == IMAGE) | (cats == TARGET)
             if visual[self.cutoff:].any():
                 return "cut image"
             ids, labels = ids[:self.cutoff], labels[:self.cutoff]
-            mm = None if mm is None else mm[:self.cutoff]
+            tokens = {k: v[:self.cutoff] for k, v in tokens.items()}
             target = None if target is None else target[:self.cutoff]
             truncated = True
         if self.train_on == "last_assistant" and not (labels != IGNORE).any():
             return "no label token"
-        return Encoded(sample, ids, labels, mm, target, vision, truncated)
+        return Encoded(sample, ids, labels, tokens, target, vision, truncated)
 
-    def _visual(self, ids: torch.Tensor, mm: torch.Tensor | None) -> torch.Tensor:
-        if mm is not None:
-            return mm > 0
-        return torch.isin(ids, torch.tensor(self.markers.visual_token_ids, dtype=ids.dtype))
+    def _target(self, sample, ids, inputs, images) -> torch.Tensor | None:
+        from ..patch import BoxTarget
 
-    def _target(self, sample, ids, mm, grid, images) -> torch.Tensor | None:
         boxes = sample.region_boxes()
         if not boxes:
             return None
-        from ..regions import geometry_for, target_token_mask
-
-        if self._geometry is None:
-            self._geometry = geometry_for(self.processor, family=self.family)
-        g = self._geometry
+        target = BoxTarget([boxes], [(im.height, im.width) for im in images], None, self.box_convention,
+                           self.box_rule)
         try:
-            mask = target_token_mask(ids[None], self.image_token_id, grid, [boxes],
-                                     [(im.height, im.width) for im in images], merge_size=g.merge_size,
-                                     patch_size=g.patch_size, convention=self.box_convention, by=self.box_rule,
-                                     mm_token_type_ids=None if mm is None else mm[None])
+            mask = self.adapter.box_mask(target, ids[None], {"input_ids": ids[None], **{
+                k: (v[None] if k in TOKEN_KEYS else v) for k, v in inputs.items()}}, self.config, self.processor)
         except ValueError as e:
             raise SampleFormatError(f"{sample.where} boxes: {e}") from None
         return mask[0]
@@ -190,8 +213,8 @@ class Collator:
         ids = torch.full((B, S), self.pad_id, dtype=torch.long)
         attn = torch.zeros((B, S), dtype=torch.long)
         labels = torch.full((B, S), IGNORE, dtype=torch.long)
-        has_mm = any(e.mm_token_type_ids is not None for e in items)
-        mm = torch.zeros((B, S), dtype=torch.long) if has_mm else None
+        token_keys = [k for k in TOKEN_KEYS if any(k in e.token_inputs for e in items)]
+        tokens = {k: torch.zeros((B, S), dtype=torch.long) for k in token_keys}
         has_target = any(e.target is not None for e in items)
         target = torch.zeros((B, S), dtype=torch.bool) if has_target else None
         for b, e in enumerate(items):
@@ -200,17 +223,18 @@ class Collator:
             ids[b, sl] = e.input_ids
             attn[b, sl] = 1
             labels[b, sl] = e.labels
-            if mm is not None and e.mm_token_type_ids is not None:
-                mm[b, sl] = e.mm_token_type_ids
+            for k in token_keys:
+                if k in e.token_inputs:
+                    tokens[k][b, sl] = e.token_inputs[k]
             if target is not None and e.target is not None:
                 target[b, sl] = e.target
-        inputs = {"input_ids": ids, "attention_mask": attn}
-        if mm is not None:
-            inputs["mm_token_type_ids"] = mm
-        for key in ("pixel_values", "image_grid_thw"):
+        inputs = {"input_ids": ids, "attention_mask": attn, **tokens}
+        for key in dict.fromkeys(k for e in items for k in e.vision):
             parts = [e.vision[key] for e in items if key in e.vision]
-            if parts:
-                inputs[key] = torch.cat(parts, dim=0)
+            if len({tuple(p.shape[1:]) for p in parts}) > 1:
+                raise ValueError(f"cannot batch the processor's {key!r}: per-sample shapes "
+                                 f"{[tuple(p.shape) for p in parts]} differ beyond dim 0")
+            inputs[key] = torch.cat(parts, dim=0)
         return Batch(inputs, labels, target, [e.sample.id for e in items])
 
 

@@ -48,7 +48,7 @@ from ..capture import capture
 from ..categories import SYSTEM, TARGET
 from ..metrics import target_attention_from_masses, vas_from_masses
 from . import rewards as R
-from .data import Batch
+from .data import TOKEN_KEYS, Batch
 from .loop import Recipe, StepOutput
 
 REWARD_NAMES = ("accuracy", "sayo", "avar_visual", "format")
@@ -288,8 +288,9 @@ def sequence_inputs(c: Completions) -> tuple[dict, torch.Tensor | None]:
     inputs = dict(p)
     inputs["input_ids"] = torch.cat([p["input_ids"], comp], dim=1)
     inputs["attention_mask"] = torch.cat([p["attention_mask"], valid.to(p["attention_mask"].dtype)], dim=1)
-    if "mm_token_type_ids" in p:
-        inputs["mm_token_type_ids"] = torch.cat([p["mm_token_type_ids"], torch.zeros_like(comp)], dim=1)
+    for key in TOKEN_KEYS:  # per-token inputs (Qwen's mm_token_type_ids, Gemma3's token_type_ids): text after P
+        if key in p:
+            inputs[key] = torch.cat([p[key], torch.zeros_like(comp)], dim=1)
     target = None
     if c.target_mask is not None:
         target = torch.cat([c.target_mask.to(comp.device), torch.zeros_like(valid)], dim=1)
@@ -309,6 +310,8 @@ class Scores:
     row_entropy: torch.Tensor              # (N, S) entropy of each row's next-token distribution
     layers: tuple[int, ...] | None = None  # decoder index of each entry of `masses` (None: 0..L-1); Mllama's
     # cross-attention layers are not among them (their keys are vision tokens only)
+    windows: tuple[int | None, ...] | None = None  # sliding window of each entry of `masses` (None: full)
+    block_ids: torch.Tensor | None = None  # (N, S) image block ids (Gemma3), or None
 
 
 def _forward_completion_logits(model, inputs: dict, T: int) -> torch.Tensor:
@@ -347,7 +350,8 @@ def score_completions(model, handle, c: Completions, *, temperature: float, refe
     positions[:, P:] = c.completion_mask.to(comp.device)
     row_entropy = torch.zeros(N, S, dtype=ent.dtype, device=comp.device)
     row_entropy[:, P - 1:S - 1] = ent
-    return Scores(old, ent, ref_logps, rec.masses(), rec.categories, positions, row_entropy, tuple(rec.layers))
+    return Scores(old, ent, ref_logps, rec.masses(), rec.categories, positions, row_entropy, tuple(rec.layers),
+                  rec.windows(), rec.block_ids)
 
 
 def _self_attention_entries(layers, s: Scores, num_layers: int) -> list[int]:
@@ -372,6 +376,8 @@ def compute_rewards(c: Completions, s: Scores, obj: GRPOObjective, num_layers: i
     for name in obj.rewards:
         if name == "sayo":
             out[name] = R.sayo_attention_reward(s.masses[-1], s.key_cats, s.row_entropy, s.positions,
+                                                window=None if s.windows is None else s.windows[-1],
+                                                block_ids=s.block_ids,
                                                 rows=obj.sayo.rows, top_frac=obj.sayo.top_frac, eps=obj.sayo.eps)
         elif name == "avar_visual":
             idx = _self_attention_entries(obj.avar_visual.layers, s, num_layers)
@@ -408,7 +414,8 @@ def attention_metrics(s: Scores, rows: str = "decision") -> dict[str, float]:
     v = vas_from_masses(s.masses, cats[:, cats.shape[1] - S:], rows=att_rows)
     has_sys = (cats == SYSTEM).any(1) & att_rows.any(1)
     vas = float(v.value[has_sys].mean()) if bool(has_sys.any()) else math.nan
-    ta = target_attention_from_masses(s.masses[-1:], s.key_cats)
+    ta = target_attention_from_masses(s.masses[-1:], s.key_cats, windows=None if s.windows is None else s.windows[-1:],
+                                      block_ids=s.block_ids)
     ra = torch.nan_to_num(ta.reward[0].double())
     w = att_rows.double()
     per = (ra * w).sum(1) / w.sum(1).clamp_min(1)

@@ -50,7 +50,6 @@ from .config import TrainConfig
 from .data import Batch, Collator, EncodedDataset, load_train_samples
 
 VISION_PARAM_KEYS = ("visual.", "vision_tower", "vision_model", "multi_modal_projector")
-TRAIN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # model types the collator (data.py) encodes
 
 
 def _fsdp_on_cpu(acc) -> None:
@@ -335,23 +334,12 @@ class Recipe:
         return get_peft_model(self.model, config)
 
     def _setup_data(self, model_config):
-        from ..regions import FAMILY_GEOMETRY
-
         d = self.cfg.data
-        family = getattr(model_config, "model_type", None)
-        if family not in TRAIN_FAMILIES:
-            raise NotImplementedError(
-                f"attn-mod train supports the {' / '.join(TRAIN_FAMILIES)} families; {family!r} is not wired into "
-                "its collator (attn_mod/trainers/data.py reads ChatML turns and Qwen's image_grid_thw / "
-                "mm_token_type_ids to place labels and target boxes). For this model compute the objectives in "
-                "your own loop: attn_mod.patch(model, processor) labels its tokens, attn_mod.capture(model, "
-                "detach=False) gives the masses with gradients, attn_mod.trainers.losses / rewards the formulas")
+        collator = Collator(self.processor, model_config, cutoff=d.cutoff, overflow=d.overflow,
+                            padding_side=d.padding_side, box_convention=d.box_convention, box_rule=d.box_rule,
+                            train_on=self.train_on)  # refuses a family it cannot encode, before any data is read
         samples = load_train_samples(d.train, require_assistant=self.require_assistant, limit=d.limit,
                                      system_prompt=d.system_prompt)
-        collator = Collator(self.processor, image_token_id=getattr(model_config, "image_token_id", None),
-                            cutoff=d.cutoff, overflow=d.overflow, padding_side=d.padding_side,
-                            box_convention=d.box_convention, box_rule=d.box_rule,
-                            family=family if family in FAMILY_GEOMETRY else None, train_on=self.train_on)
         dataset = EncodedDataset(samples, collator, progress=self.cfg.logging.progress and
                                  self.accelerator.is_main_process)
         return collator, dataset

@@ -97,10 +97,13 @@ def select_high_entropy(entropy: torch.Tensor, valid: torch.Tensor, top_frac: fl
 
 def sayo_attention_reward(last_mass: torch.Tensor, key_cats: torch.Tensor, row_entropy: torch.Tensor,
                           completion_positions: torch.Tensor, *, rows: str = "decision", top_frac: float = TOP_FRAC,
-                          eps: float = SAYO_EPS) -> RewardResult:
+                          eps: float = SAYO_EPS, window: int | None = None,
+                          block_ids: torch.Tensor | None = None) -> RewardResult:
     """SAYO r_v per sequence (module docstring).
 
     last_mass (B, Hq, S, C): last-layer masses (rows = the last S key slots); key_cats (B, K);
+    window / block_ids: that layer's sliding window and the image blocks (Gemma3; `rec.windows()`,
+    `rec.block_ids`) for the visible-key counts n_X;
     row_entropy (B, S): entropy of row r's next-token distribution (it chose token r + 1);
     completion_positions (B, S) bool: True at the positions p_t of valid completion tokens.
     extras: a_q, v_q (NaN where undefined), selected (B, S) bool attention rows used.
@@ -121,7 +124,8 @@ def sayo_attention_reward(last_mass: torch.Tensor, key_cats: torch.Tensor, row_e
     chosen = select_high_entropy(h_tok, pos, top_frac)  # at token positions p_t
     if rows == "decision":
         chosen = torch.cat([chosen[:, 1:], torch.zeros_like(chosen[:, :1])], dim=1)  # p_t -> p_t - 1
-    ta = target_attention_from_masses(last_mass[None], key_cats.to(last_mass.device), eps=eps)
+    ta = target_attention_from_masses(last_mass[None], key_cats.to(last_mass.device), eps=eps, windows=(window,),
+                                      block_ids=block_ids)
     a, v = ta.a[0].double(), ta.v[0].double()  # (B, S), NaN where no key of the set is visible
     n = chosen.sum(dim=1)
     has_target = (key_cats.to(last_mass.device).long() == TARGET).any(dim=1)

@@ -73,7 +73,8 @@ class SFTRecipe(Recipe):
         with capture(self.model, layers=obj.layers, detach=False) as rec:
             logits = self.module(**batch.model_inputs, use_cache=False, logits_to_keep=keep).logits
         rows = self.losses.agto_rows(rec.query_categories(), batch.labels, query=obj.query)
-        agto = self.losses.agto_losses(rec.masses(), rec.categories, rows, heads=obj.heads, eps=obj.eps)
+        agto = self.losses.agto_losses(rec.masses(), rec.categories, rows, heads=obj.heads, eps=obj.eps,
+                                       windows=rec.windows(), block_ids=rec.block_ids)
         return logits, keep, agto
 
     def train_step(self, batch: Batch) -> StepOutput:

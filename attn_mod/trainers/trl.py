@@ -430,6 +430,7 @@ class SayoAttentionReward(_AttentionReward):
 
     def _reward(self, rec, row_entropy, positions):
         return sayo_attention_reward(rec.mass(-1), rec.categories, row_entropy, positions, rows=self.rows,
+                                     window=rec.windows((-1,))[0], block_ids=rec.block_ids,
                                      top_frac=self.top_frac, eps=self.eps)
 
 

@@ -44,7 +44,7 @@ MATRIX: list[tuple[str, tuple[str, ...]]] = [
                                              "I::test_onevision_identity_matches_eager_logits_and_masses",
                                              "I::test_onevision_boxes_match_processor_crops",
                                              "I::test_onevision_left_padded_generate_equals_single_prompts",
-                                             "I::test_onevision_training_gradients_match_eager", _REFUSED)),
+                                             "I::test_onevision_training_gradients_match_eager", _TRAIN)),
     ("Mllama / Llama-3.2-Vision (`mllama`)", ("ML::test_intervention_matches_eager_formula",
                                               "ML::test_identity_matches_eager_logits_and_masses",
                                               "ML::test_mllama_boxes_match_processor_tiles",
@@ -58,7 +58,7 @@ MATRIX: list[tuple[str, tuple[str, ...]]] = [
                                                      "I::test_identity_matches_eager_logits_and_masses",
                                                      "I::test_boxes_match_processor_sub_images_and_global_image",
                                                      "I::test_left_padded_generate_equals_single_prompts",
-                                                     "I::test_training_gradients_match_eager", _REFUSED)),
+                                                     "I::test_training_gradients_match_eager", _TRAIN)),
     ("any other decoder VLM (explicit labels)", (_UNKNOWN, _UNKNOWN, "user geometry: " + _UNKNOWN, _UNKNOWN,
                                                  "F::test_unknown_family_training_gradients_match_eager",
                                                  "no (needs a family adapter; patch + capture + losses in your own "

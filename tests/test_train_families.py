@@ -23,14 +23,16 @@ from attn_mod.trainers.config import load_train_config
 from attn_mod.trainers.data import IGNORE
 from attn_mod.trainers.sft import SFTRecipe
 
-FAMILIES = ["llava", "internvl", "gemma3"]
+FAMILIES = ["llava", "internvl", "gemma3", "llava_onevision", "idefics3"]
 # the assistant header and end-of-turn text of each family's chat template
 TURNS = {"llava": ("ASSISTANT:", "</s>"), "internvl": ("<|im_start|>assistant\n", "<|im_end|>"),
-         "gemma3": ("<start_of_turn>model\n", "<end_of_turn>")}
+         "gemma3": ("<start_of_turn>model\n", "<end_of_turn>"), "llava_onevision": ("<|im_start|>assistant \n", "<|im_end|>"),
+         "idefics3": ("Assistant:", "<end_of_utterance>")}
+SIZES = [(56, 56), (90, 40), (40, 84)]  # different crop / sub-image counts per sample (OneVision, Idefics3)
 
 
 def _recipe(tmp_path, family, *overrides):
-    data = make_data(tmp_path / "data", 4)
+    data = make_data(tmp_path / "data", 4, sizes=SIZES)
     cfg = load_train_config(TINY_SFT, [f"data.train={data}", f"output_dir={tmp_path / 'out'}", "data.shuffle=false",
                                        f"model.tiny={family}", "model.dtype=float64", "schedule.batch_size=4",
                                        "data.padding_side=left", "schedule.max_steps=1", *overrides])
@@ -70,6 +72,9 @@ def test_sft_step0_labels_and_losses_match_eager_float64(tmp_path, family):
         valid = attn[b].bool()
         assert torch.equal(batch.labels[b][valid], e.labels) and torch.equal(ids[b][valid], e.input_ids)
 
+    if family in ("llava_onevision", "idefics3"):  # samples with different crop / sub-image counts, zero-padded
+        counts = [e.vision["pixel_values"].shape[1] for e in items if "pixel_values" in e.vision]
+        assert len(set(counts)) > 1 and batch.model_inputs["pixel_values"].shape[1] == max(counts)
     res = recipe.train_step(batch).metrics  # the patched float64 model on the padded batch
     cats_all = recipe.handle.categories.long()
     # TARGET: what the patch's own box path selects for these boxes and images
@@ -137,7 +142,7 @@ def test_sft_and_grpo_runs_end_to_end(tmp_path, family):
     from attn_mod.jsonl import read_jsonl
     from attn_mod.loading import load_model
 
-    data = make_data(tmp_path / "data", 8)
+    data = make_data(tmp_path / "data", 8, sizes=SIZES)
     for config, out in ((TINY_SFT, "sft"), (ROOT / "configs" / "train" / "tiny_grpo.yaml", "grpo")):
         proc = subprocess.run([sys.executable, str(ENTRY), "train", str(config), f"data.train={data}",
                                f"model.tiny={family}", "schedule.max_steps=2", f"output_dir={tmp_path / out}"],

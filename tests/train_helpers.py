@@ -19,9 +19,10 @@ ENTRY = Path(__file__).resolve().parent / "_train_entry.py"
 
 
 def make_data(folder: Path, n: int = 8, seed: int = 0, *, size=(56, 56), name: str = "train.jsonl",
-              long_text: int = 0) -> Path:
+              long_text: int = 0, sizes=None) -> Path:
     """n chat samples: an image (random colours) with a box, a question, a one-word answer. Every third
-    sample has no system turn, every fourth no image."""
+    sample has no system turn, every fourth no image. `sizes`: (W, H) of sample i's image cycles through them
+    (default: all `size`)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
@@ -34,7 +35,7 @@ def make_data(folder: Path, n: int = 8, seed: int = 0, *, size=(56, 56), name: s
                  {"role": "assistant", "content": ["red", "blue", "green"][i % 3] + " square"}]
         row = {"id": f"s{i}", "images": [], "messages": msgs}
         if has_img:
-            w, h = size
+            w, h = size if sizes is None else sizes[i % len(sizes)]
             arr = (rng.random((h, w, 3)) * 255).astype("uint8")
             Image.fromarray(arr).save(folder / f"img{i}.png")
             row["images"] = [f"img{i}.png"]

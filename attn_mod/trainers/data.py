@@ -5,9 +5,13 @@
     batch = collator.collate([dataset[i] for i in (0, 1)])
     model(**batch.model_inputs); batch.labels; batch.target_mask
 
-Families: `TRAIN_FAMILIES` (Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, InternVL, Gemma3): one processor output per sample
-whose vision tensors concatenate along dim 0 (Qwen's patches + image_grid_thw, LLaVA's / Gemma3's images,
-InternVL's tiles) and whose per-token tensors (mm_token_type_ids, token_type_ids) pad like input_ids.
+Families: `TRAIN_FAMILIES` (Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, InternVL, Gemma3, LLaVA-OneVision, Idefics3 /
+SmolVLM): one processor output per sample whose vision tensors concatenate along dim 0 (Qwen's patches +
+image_grid_thw, LLaVA's / Gemma3's images, InternVL's tiles, OneVision's images x crops + image_sizes,
+Idefics3's images x sub-images + pixel_attention_mask), zero-padded along dim 1 where samples differ there (the
+number of crops / sub-images: exactly what the processors produce for a batch), and whose per-token tensors
+(mm_token_type_ids, token_type_ids) pad like input_ids. Mllama is refused: its vision tokens are only
+cross-attention keys, so the AGTO image term (image keys in self-attention) does not exist there.
 
 Labels (SFT): the tokens of the LAST assistant turn, from the first token after its header through its
 end-of-turn token inclusive (`<|im_end|>`, LLaVA's `</s>`, Gemma3's `<end_of_turn>`); -100 everywhere else.
@@ -34,7 +38,8 @@ from ..categories import IMAGE, RESPONSE, TARGET
 from ..data.samples import SampleFormatError, TrainSample, read_samples
 
 IGNORE = -100
-TRAIN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "gemma3")  # model types the collator encodes
+TRAIN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava", "internvl", "gemma3", "llava_onevision", "idefics3",
+                  "smolvlm")  # model types the collator encodes
 TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # processor outputs aligned with input_ids (padded like it)
 _CACHE_BYTES = 512 * 2**20  # keep encodings in memory while they fit (no re-encoding per step)
 
@@ -104,8 +109,9 @@ class Collator:
         if family not in TRAIN_FAMILIES:
             raise NotImplementedError(
                 f"attn-mod train supports the {' / '.join(TRAIN_FAMILIES)} families; {family!r} is not wired into "
-                "its collator (attn_mod/trainers/data.py: its processor returns per-sample padded vision tensors "
-                "or cross-attention inputs that the collator does not batch). For this model compute the "
+                "its collator (attn_mod/trainers/data.py; Mllama: its vision tokens are only cross-attention keys, "
+                "so the AGTO image term over self-attention image keys does not exist, and its cross-attention "
+                "masks are not batched). For this model compute the "
                 "objectives in your own loop: attn_mod.patch(model, processor) labels its tokens, "
                 "attn_mod.capture(model, detach=False) gives the masses with gradients, attn_mod.trainers.losses / "
                 "rewards the formulas")
@@ -232,8 +238,11 @@ class Collator:
         for key in dict.fromkeys(k for e in items for k in e.vision):
             parts = [e.vision[key] for e in items if key in e.vision]
             if len({tuple(p.shape[1:]) for p in parts}) > 1:
-                raise ValueError(f"cannot batch the processor's {key!r}: per-sample shapes "
-                                 f"{[tuple(p.shape) for p in parts]} differ beyond dim 0")
+                if len({(p.dim(), tuple(p.shape[2:])) for p in parts}) > 1:
+                    raise ValueError(f"cannot batch the processor's {key!r}: per-sample shapes "
+                                     f"{[tuple(p.shape) for p in parts]} differ beyond dims 0 and 1")
+                n = max(p.shape[1] for p in parts)  # crops / sub-images per image: zero-pad as the processor does
+                parts = [torch.nn.functional.pad(p, [0, 0] * (p.dim() - 2) + [0, n - p.shape[1]]) for p in parts]
             inputs[key] = torch.cat(parts, dim=0)
         return Batch(inputs, labels, target, [e.sample.id for e in items])
 

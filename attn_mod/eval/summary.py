@@ -103,7 +103,7 @@ def markdown_table(summary: dict) -> str:
         cols.append(_pct(_mean(accs)))
         if has_vas:
             v = _mean(by[(cell, d)].get("vas") for d in datasets)
-            cols.append("-" if v is None else f"{v:.3f}")
+            cols.append("-" if v is None else f"{v:.4g}")  # 4 significant digits: VAS spans 1e-2 .. 1e6
         lines.append("| " + " | ".join(cols) + " |")
     lines.append("")
     lines.append("Accuracy in %, n per dataset: " + ", ".join(
@@ -174,7 +174,7 @@ def heatmaps(summary: dict, out_dir: Path) -> list[Path]:
             continue
         metrics = [("accuracy", "accuracy %", 100.0, "{:.1f}", "viridis", (0.0, 100.0))]
         if any(r.get("vas") is not None for r in rows):
-            metrics.append(("vas", "mean VAS (ratio form)", 1.0, "{:.2f}", "magma", None))
+            metrics.append(("vas", "mean VAS (ratio form)", 1.0, "{:.3g}", "magma", None))
         other = sorted({k for r in rows for k in r if k in ("renorm", "layers")})
         panels = defaultdict(list)
         for r in rows:

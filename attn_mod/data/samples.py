@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from PIL import Image
 
 from ..eval.datasets import ANSWER_TYPES, ImageSource
 
-__all__ = ["Box", "SampleFormatError", "TrainSample", "parse_sample", "read_samples", "sample_to_json",
+__all__ = ["Box", "SampleFormatError", "TrainSample", "parse_boxes", "parse_sample", "read_samples", "sample_to_json",
            "write_samples"]
 
 Box = tuple[float, float, float, float]
@@ -152,7 +151,7 @@ def _is_flat_box(raw: Any) -> bool:
     return isinstance(raw, (list, tuple)) and len(raw) == 4 and all(isinstance(v, (int, float)) for v in raw)
 
 
-def _parse_boxes(raw: Any, n_images: int, where: str) -> tuple[tuple[Box, ...], ...] | None:
+def parse_boxes(raw: Any, n_images: int, where: str) -> tuple[tuple[Box, ...], ...] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
@@ -210,7 +209,7 @@ def parse_sample(obj: Any, *, where: str = "sample", base_dir: str | os.PathLike
         raise _err(where, f'messages hold {n_parts} {{"type": "image"}} part(s) but "images" lists {len(images)}')
     if require_assistant and messages[-1]["role"] != "assistant":
         raise _err(where, "the last message must be the assistant turn to train on (role 'assistant')")
-    boxes = _parse_boxes(obj.get("boxes"), len(images), f"{where} boxes")
+    boxes = parse_boxes(obj.get("boxes"), len(images), f"{where} boxes")
     answer = obj.get("answer")
     if answer is not None and not isinstance(answer, (str, int, float)):
         raise _err(where, f"field 'answer' must be a string or number, got {answer!r}")
@@ -272,19 +271,11 @@ def sample_to_json(s: TrainSample) -> dict:
 
 
 def write_samples(samples: Iterable[TrainSample | Mapping], path: str | os.PathLike) -> Path:
-    """Write samples (or already-valid JSON objects) to a JSONL file atomically (temp file, fsync, rename)."""
+    """Write samples (or already-valid JSON objects) to a JSONL file atomically (`attn_mod.jsonl.write_jsonl_atomic`:
+    temp file, fsync, rename)."""
+    from ..jsonl import write_jsonl_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for s in samples:
-                obj = sample_to_json(s) if isinstance(s, TrainSample) else dict(s)
-                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_jsonl_atomic(path, [sample_to_json(s) if isinstance(s, TrainSample) else dict(s) for s in samples])
     return path

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..capture import capture
 from ..categories import SYSTEM, validate_categories
-from ..data.samples import SampleFormatError, _parse_boxes
+from ..data.samples import SampleFormatError, parse_boxes
 from ..metrics import target_attention_from_masses, token_entropy, vas_from_masses
 from ..models import SUPPORTED_FAMILIES, UnsupportedModelError, get_adapter
 from ..patch import BoxTarget, patch, patch_state
@@ -228,7 +228,7 @@ def region_entries(raw, n_images: int, where: str) -> list:
     if isinstance(raw, list) and len(raw) == 4 and all(isinstance(v, (int, float)) for v in raw):
         raw = [raw]  # a single box
     try:
-        boxes = _parse_boxes(raw, n_images, where)
+        boxes = parse_boxes(raw, n_images, where)
     except SampleFormatError as e:
         raise ValueError(str(e)) from None
     return [] if not boxes else [(k, box) for k, per_image in enumerate(boxes) for box in per_image]

@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-1/2 under `accelerate launch` (2 processes, DeepSpeed's CPU accelerator, gloo), with the shipped
-recipe configs/accelerate/deepspeed_zero2.yaml: same losses and final weights as one process with the same global
-batch (with gradient checkpointing), optimizer state really partitioned per rank in DeepSpeed's checkpoints,
-SIGKILL + --resume reproducing the uninterrupted run (ZeRO-1, LoRA), bf16, GRPO equal to DDP; and the DeepSpeed
-setups that are refused with a reason (ZeRO-3, offload, a DeepSpeed optimizer section, ACCELERATE_USE_CPU)."""
+recipe configs/accelerate/deepspeed_zero2.yaml: the same losses and final weights as one process with the same
+global batch (with DeepSpeed's gradient accumulation and gradient checkpointing), optimizer state really
+partitioned per rank in DeepSpeed's checkpoints, SIGKILL + --resume reproducing the uninterrupted run (ZeRO-1,
+LoRA), bf16, GRPO equal to DDP; and the DeepSpeed setups that are refused with a reason (ZeRO-3, offload, a
+DeepSpeed optimizer section, ACCELERATE_USE_CPU)."""
 
 from __future__ import annotations
 
@@ -50,13 +51,14 @@ def _one(args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process with accumulation 2, and ZeRO-2 over 2 processes with accumulation 1 (and gradient
-    checkpointing): the same global batch (4)."""
+    """One process with accumulation 4, and ZeRO-2 over 2 processes with accumulation 2 (DeepSpeed's own
+    accumulation boundaries) and gradient checkpointing: the same global batch (4)."""
     root = tmp_path_factory.mktemp("deepspeed")
     data = make_data(root / "data", 8)
-    base = [TINY_SFT, f"data.train={data}", "schedule.max_steps=3", "schedule.batch_size=2", "checkpoint.every=2"]
-    _one(base + [f"output_dir={root / 'one'}", "schedule.gradient_accumulation_steps=2"])
-    _run(_launch_cmd(base + [f"output_dir={root / 'zero2'}", "model.gradient_checkpointing=true"]))
+    base = [TINY_SFT, f"data.train={data}", "schedule.max_steps=3", "schedule.batch_size=1", "checkpoint.every=2"]
+    _one(base + [f"output_dir={root / 'one'}", "schedule.gradient_accumulation_steps=4"])
+    _run(_launch_cmd(base + [f"output_dir={root / 'zero2'}", "schedule.gradient_accumulation_steps=2",
+                             "model.gradient_checkpointing=true"]))
     return root, data
 
 

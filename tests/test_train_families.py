@@ -59,6 +59,9 @@ def _label_positions_from_text(tok, text, family, n_ids):
 def test_sft_step0_labels_and_losses_match_eager_float64(tmp_path, family):
     recipe = _recipe(tmp_path, family)
     tok = recipe.processor.tokenizer
+    # model.freeze_vision (default): the vision tower and its projector are frozen, the language model trains
+    trainable = [n for n, p in recipe.model.named_parameters() if p.requires_grad]
+    assert trainable and all("language_model" in n or "text_model" in n or n.startswith("lm_head") for n in trainable)
     batch = recipe.micro_batch(1, 0)
     ids, attn = batch.model_inputs["input_ids"], batch.model_inputs["attention_mask"]
     B = ids.shape[0]

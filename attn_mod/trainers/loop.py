@@ -49,7 +49,10 @@ from .checkpoint import Checkpointer, full_model_state, unsharded_classes
 from .config import TrainConfig
 from .data import Batch, Collator, EncodedDataset, load_train_samples
 
-VISION_PARAM_KEYS = ("visual.", "vision_tower", "vision_model", "multi_modal_projector")
+# the vision tower and its projector in every trained family (Qwen's visual.* holds both; Idefics3's projector is
+# `connector`, LLaVA-OneVision's row separator `image_newline`): frozen by model.freeze_vision
+VISION_PARAM_KEYS = ("visual.", "vision_tower", "vision_model", "multi_modal_projector", "model.connector.",
+                     "image_newline")
 
 
 def _fsdp_on_cpu(acc) -> None:

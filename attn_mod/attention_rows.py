@@ -48,7 +48,9 @@ class RowRecording:
 
     # called by the patched attention ----------------------------------------------------------
     def _tap(self, state, layer: int, q, k, cats, *, transform, scale, causal, row_enable, head_enable, block=None,
-             window=None) -> None:
+             window=None, offset: int = 0) -> None:
+        """offset: slots before this layer's first key (a sliding-window cache keeps only the last K slots, every
+        dropped one outside every row's window): rows are stored over all offset + K slots, 0 on the dropped ones."""
         if layer not in self._layer_set:
             return
         Q, K = q.shape[2], k.shape[2]
@@ -65,7 +67,8 @@ class RowRecording:
             idx = torch.arange(Q)
         else:
             pos = self._rows
-            idx = pos[(pos >= K - Q) & (pos < K)] - (K - Q)
+            first = K - Q + offset  # absolute slot of this call's first query row
+            idx = pos[(pos >= first) & (pos < K + offset)] - first
             if idx.numel() == 0:
                 return
         with torch.no_grad():
@@ -73,7 +76,9 @@ class RowRecording:
                                         row_enable=row_enable, head_enable=head_enable, block=block, window=window)
         if self.heads == "mean":
             p = p.mean(dim=1, keepdim=True)
-        self._runs[-1].setdefault(layer, []).append((idx + (K - Q), p.float().cpu()))
+        if offset:
+            p = torch.nn.functional.pad(p, (offset, 0))
+        self._runs[-1].setdefault(layer, []).append((idx + (K - Q) + offset, p.float().cpu()))
 
     # public -------------------------------------------------------------------------------------
     @property

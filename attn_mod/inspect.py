@@ -345,7 +345,8 @@ def run(args) -> int:
         what = (f"{len(cells)} visual tokens, one panel per view; {viz.CELL_PIXEL_VALUE}; dashed: TARGET cells, "
                 f"cyan: --box{left}")
         viz.cell_heatmap_grid({f"layer {L - 1} (last)": att_last}, positions, cells, views, image,
-                              path=out / "heatmap.png", title=f"{query}. {what}", categories=key_cats, **draw)
+                              path=out / "heatmap.png", title=f"{query}. {what}", categories=key_cats,
+                              panel=5.5 if len(views) == 1 else 3.6, **draw)
         viz.cell_heatmap_grid(att_layers, positions, cells, views, image, path=out / "heatmap_layers.png",
                               title=f"{rows_text}, mean over rows and heads. {what}", panel=2.6, **draw)
     heatmap = heatmap_record(att_last, att_layers, positions, cells, views, key_cats, image, layer=L - 1,

@@ -2,7 +2,10 @@
 with matplotlib's Agg canvas directly (no pyplot, no global backend switch), so they work headless.
 
 - `image_heatmap` / `image_heatmap_grid`: per-visual-token attention of chosen query rows over the image
-  (values from `attn_mod.attention_rows`), on the merged-token grid, drawn over the image.
+  (values from `attn_mod.attention_rows`), on the merged-token grid, drawn over the image (Qwen-VL).
+- `cell_heatmap_grid` / `cell_raster`: the same for any family whose adapter geometry gives each visual
+  token's cell in original pixels (`cells`) and the views that tile the image once (`views`: e.g.
+  InternVL's tiles, then its thumbnail): one panel per view, each token's value on its cell.
 - `token_text_figure`: generated tokens with backgrounds coloured by a per-token score (SAYO Fig. 5);
   PNG or self-contained HTML, by the suffix of `path`.
 - `layer_curves`: per-layer VAS and per-category attention mass (from `capture` masses).

@@ -129,7 +129,7 @@ def _check_against_reference(family, model_dir, image, m, recs, hm, box):
     assert ta["defined"] and all(math.isfinite(r["a"]) and math.isfinite(r["v"]) for r in recs)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "llava", "internvl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["gemma3", "llava", "internvl", "idefics3", "llava_onevision", "qwen2_5_vl"])
 def test_inspect_family_with_box_paints_the_answer_rows(family, models, root):
     rng = np.random.default_rng()
     image = _fresh_image(root / f"{family}_box.png", rng)

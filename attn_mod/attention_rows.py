@@ -16,6 +16,10 @@ Rows: "last" (default) = the last query row of every forward. In `generate()` th
 last prompt row and each decode step's row: exactly the rows whose outputs chose the generated
 tokens, one per generated token, in order. "all" records every row (O(Q * K) for a prefill: only
 for short inputs). An iterable of KV-slot positions records those slots' rows.
+
+Sliding-window layers (Gemma3) whose cache keeps only the last window of slots in decode steps: a row is
+still stored over every slot of the sequence, 0 on the dropped slots (outside every row's window), so rows
+of all layers share one slot index.
 """
 
 from __future__ import annotations

@@ -164,6 +164,15 @@ def _clean(x):
 
 
 # ---------------------------------------------------------------------------------------- heatmaps
+CROSS_ATTENTION_MODEL_TYPES = ("mllama",)  # vision tokens are cross-attention keys: refused (see below)
+
+
+def _cross_attention_refusal(family: str) -> str:
+    return (f"inspect cannot draw the {family} family: its vision tokens are the keys of its cross-attention "
+            "layers, whose per-key rows attn_mod.attention_rows does not record (the <|image|> placeholder is one "
+            "text token); use attn_mod.capture's rec.cross_mass for cross-layer masses")
+
+
 def image_tokens(geometry, input_ids: torch.Tensor, image_token_id: int, image, *, span=None):
     """Visual tokens of image 0 of sample 0 -> (positions (n,) int64 KV slots, n cells (x0, y0, x1, y1) in
     original pixels or None, views [(label, start, stop)]), in the geometry's token order.
@@ -265,7 +274,8 @@ def run(args) -> int:
     t_start = time.perf_counter()
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    check_model_path(args.model)
+    if check_model_path(args.model) in CROSS_ATTENTION_MODEL_TYPES:  # before loading: refused whatever else
+        raise NotImplementedError(_cross_attention_refusal("mllama"))
     check_device(args.device)
     check_backend(args.backend, args.device)
     image = load_image(args.image)
@@ -288,10 +298,7 @@ def run(args) -> int:
     try:
         geometry = handle.state.geometry()
         if handle.state.cross_layers:
-            raise NotImplementedError(
-                f"inspect cannot draw the {handle.state.adapter.name} family: its vision tokens are the keys of its "
-                "cross-attention layers, whose per-key rows attn_mod.attention_rows does not record (the <|image|> "
-                "placeholder is one text token); use attn_mod.capture's rec.cross_mass for cross-layer masses")
+            raise NotImplementedError(_cross_attention_refusal(handle.state.adapter.name))
         inputs, gen, rec, rows = _generate(model, processor, handle, args, image, boxes)
     finally:
         handle.remove()

@@ -309,6 +309,13 @@ def run(args) -> int:
     records, answer_rows, entropy = _token_records(rec, gen, tokenizer, S)
     n = len(records)
     answer = tokenizer.decode([r["token_id"] for r in records], skip_special_tokens=True)
+    qwen_grid = hasattr(geometry, "merge_size")
+    span = (next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
+                                                 inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
+                                                 mm_token_type_ids=inputs.get("mm_token_type_ids"))
+                 if s.sample == 0 and s.index_in_sample == 0) if qwen_grid else None)
+    positions, cells, views = image_tokens(geometry, inputs["input_ids"].cpu(), model.config.image_token_id, image,
+                                           span=span)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(records, out / "tokens.jsonl")
     (out / "answer.txt").write_text(answer + "\n", encoding="utf-8")
@@ -322,13 +329,6 @@ def run(args) -> int:
     key_cats = rec.categories[0].cpu()
     n_target = int((key_cats[:S] == TARGET).sum())
     n_system = int((key_cats[:S] == SYSTEM).sum())
-    qwen_grid = hasattr(geometry, "merge_size")
-    span = (next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
-                                                 inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
-                                                 mm_token_type_ids=inputs.get("mm_token_type_ids"))
-                 if s.sample == 0 and s.index_in_sample == 0) if qwen_grid else None)
-    positions, cells, views = image_tokens(geometry, inputs["input_ids"].cpu(), model.config.image_token_id, image,
-                                           span=span)
 
     # Pictures.
     answer_pos = list(range(S - 1, S - 1 + n))

@@ -119,8 +119,8 @@ def _check_against_reference(family, model_dir, image, m, recs, hm, box):
     if box is None:
         assert m["box"]["target_tokens"] == 0 and not bool(target.any())
         return
-    mask = get_adapter(model).box_mask(BoxTarget([[box]], [image], None, "pixel", "overlap"), inputs["input_ids"], inputs,
-                                  model.config, processor)[0]
+    target_spec = BoxTarget([[box]], [image], None, "pixel", "overlap")
+    mask = get_adapter(model).box_mask(target_spec, inputs["input_ids"], inputs, model.config, processor)[0]
     assert 0 < int(mask.sum()) < len(tokens)
     assert m["box"]["target_tokens"] == int(mask.sum())
     assert torch.equal(target, mask[positions])
@@ -209,3 +209,24 @@ def test_inspect_refuses_mllama_with_the_reason(models, root, tmp_path):
         main(["inspect", str(models("mllama")), "--image", str(tmp_path / "img.png"), "--question", QUESTION,
               "--max-new-tokens", "1", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_image_tokens_refuses_placeholders_that_do_not_match_the_geometry():
+    """One image whose placeholders the geometry accounts for exactly; any other count (a second image, another
+    processor) is refused before anything is drawn."""
+    from attn_mod.inspect import image_tokens
+    from attn_mod.models.gemma3 import Gemma3Geometry
+
+    geo = Gemma3Geometry((112, 112), 4)
+    rng = np.random.default_rng()
+    image = Image.fromarray(rng.integers(1, 255, (30, 50, 3), dtype=np.uint8))
+    start = int(rng.integers(1, 6))
+    ids = torch.full((1, start + 16 + 3), 9)
+    ids[0, start:start + 16] = 7
+    pos, cells, views = image_tokens(geo, ids, 7, image)
+    assert pos.tolist() == list(range(start, start + 16)) and len(cells) == 16
+    assert views == [("image, 4x4 tokens", 0, 16)]
+    assert cells[5] == (50 / 4, 30 / 4, 2 * 50 / 4, 2 * 30 / 4)  # token 5 = row 1, column 1 of the 4 x 4 grid
+    ids[0, -1] = 7
+    with pytest.raises(ValueError, match="17 image placeholder tokens but the processor's geometry gives 16"):
+        image_tokens(geo, ids, 7, image)

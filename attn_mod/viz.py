@@ -237,8 +237,9 @@ def cell_heatmap_grid(attentions: Mapping[str, torch.Tensor], positions: torch.T
                       boxes: Sequence | None = None, box_convention: str = "pixel",
                       categories: torch.Tensor | None = None, cmap: str = "inferno", alpha: float = 0.6,
                       panel: float = 3.2, dpi: int = 100, max_side: int = 512) -> Path:
-    """Per-visual-token attention over the original image for any family: one row of panels per entry of
-    `attentions` (e.g. one per layer), one column per view of the image's tokens; one colour scale.
+    """Per-visual-token attention over the original image for any family: per entry of `attentions` (e.g. one
+    per layer) one panel per view of the image's tokens, side by side; entries fill rows of
+    ceil(sqrt(entries) / views) entries each, in order; one colour scale.
 
     attentions: {row label: (K,) per-KV-slot attention of one sample (`RowRecording.attention(...)[b]`)};
     positions: (n,) KV slots of the image's visual tokens in the geometry's token order; cells: their n
@@ -246,7 +247,8 @@ def cell_heatmap_grid(attentions: Mapping[str, torch.Tensor], positions: torch.T
     stop)] token ranges (the geometry's `views(image_size)`, e.g. InternVL tiles / thumbnail), each painted
     with `cell_raster` on its own panel. boxes: drawn cyan (original pixels in `box_convention`).
     categories: (K,) slot categories; the cells of TARGET tokens are outlined dashed. Width in inches
-    ncols * panel + 1.3, panel image height panel * 0.92 * H / W (clipped to [0.4, 1.6]).
+    ncols * panel + 1.3 (ncols = entries per row * views), panel image height panel * 0.92 * H / W (clipped to
+    [0.4, 1.6]).
     """
     if not attentions:
         raise ValueError("cell_heatmap_grid needs at least one row of panels")
@@ -261,7 +263,8 @@ def cell_heatmap_grid(attentions: Mapping[str, torch.Tensor], positions: torch.T
     rasters = {(k, i): cell_raster(v[a:b], cells[a:b], image, max_side=max_side)
                for k, v in values.items() for i, (_, a, b) in enumerate(views)}
     h, w = image_hw(image)
-    nrows, ncols = len(values), len(views)
+    per_row = max(1, math.ceil(math.sqrt(len(values)) / len(views)))  # entries side by side (each: all views)
+    nrows, ncols = math.ceil(len(values) / per_row), per_row * len(views)
     img_w = 0.92 * panel
     img_h = img_w * min(max(h / w, 0.4), 1.6)
     cell_h = img_h + 0.45
@@ -274,13 +277,15 @@ def cell_heatmap_grid(attentions: Mapping[str, torch.Tensor], positions: torch.T
     norm = Normalize(0.0, max(vmax, 1e-12))
     arr = np.asarray(image.convert("RGB"))
     im = None
-    for r, (label, vals) in enumerate(values.items()):
-        for c, (view, a, b) in enumerate(views):
+    for e, (label, vals) in enumerate(values.items()):
+        r, first = divmod(e, per_row)
+        for v, (view, a, b) in enumerate(views):
+            c = first * len(views) + v
             x0 = 0.15 + c * panel + 0.04 * panel
             y0 = H - top_in - (r + 1) * cell_h + 0.05
             ax = fig.add_axes((x0 / W, y0 / H, img_w / W, img_h / H))
             ax.imshow(arr, extent=(0, w, h, 0), interpolation="bilinear")
-            im = ax.imshow(rasters[(label, c)], extent=(0, w, h, 0), cmap=cmap, norm=norm, alpha=alpha,
+            im = ax.imshow(rasters[(label, v)], extent=(0, w, h, 0), cmap=cmap, norm=norm, alpha=alpha,
                            interpolation="nearest")
             if target is not None:
                 for n in range(a, b):
@@ -296,7 +301,7 @@ def cell_heatmap_grid(attentions: Mapping[str, torch.Tensor], positions: torch.T
             ax.set_ylim(h, 0)
             ax.set_xticks([])
             ax.set_yticks([])
-            head = f"{label}: " if nrows > 1 or label else ""
+            head = f"{label}: " if label else ""
             ax.set_title(textwrap.fill(f"{head}{view} (sum {float(vals[a:b].sum()):.3f})", int(panel * 14)),
                          fontsize=7)
     cax = fig.add_axes(((W - 1.15) / W, 0.25 / H, 0.16 / W, (H - top_in - 0.35) / H))

@@ -47,11 +47,11 @@ def _random_box(rng, image):
     return [x0, y0, x0 + float(rng.integers(30, w // 2)), y0 + float(rng.integers(30, h // 2))]
 
 
-def _run_inspect(model_dir, image_path, out, box=None):
+def _run_inspect(model_dir, image_path, out, box=None, convention="pixel"):
     argv = ["inspect", str(model_dir), "--image", str(image_path), "--question", QUESTION, "--max-new-tokens", "2",
             "--out", str(out)]
     if box is not None:
-        argv += ["--box", *map(str, box)]
+        argv += ["--box", *map(str, box), "--box-convention", convention]
     assert main(argv) == 0
     for name in FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -87,7 +87,7 @@ def _reference(model_dir, image, gen_ids):
     return model, processor, inputs, S, [a[0].double() for a in out.attentions]
 
 
-def _check_against_reference(family, model_dir, image, m, recs, hm, box):
+def _check_against_reference(family, model_dir, image, m, recs, hm, box, convention="pixel"):
     from attn_mod.models import get_adapter
     from attn_mod.patch import BoxTarget
 
@@ -119,7 +119,7 @@ def _check_against_reference(family, model_dir, image, m, recs, hm, box):
     if box is None:
         assert m["box"]["target_tokens"] == 0 and not bool(target.any())
         return
-    target_spec = BoxTarget([[box]], [image], None, "pixel", "overlap")
+    target_spec = BoxTarget([[box]], [image], None, convention, "overlap")
     mask = get_adapter(model).box_mask(target_spec, inputs["input_ids"], inputs, model.config, processor)[0]
     assert 0 < int(mask.sum()) < len(tokens)
     assert m["box"]["target_tokens"] == int(mask.sum())
@@ -230,3 +230,17 @@ def test_image_tokens_refuses_placeholders_that_do_not_match_the_geometry():
     ids[0, -1] = 7
     with pytest.raises(ValueError, match="17 image placeholder tokens but the processor's geometry gives 16"):
         image_tokens(geo, ids, 7, image)
+
+
+def test_inspect_smolvlm_with_a_normalized_box(models, root):
+    """SmolVLM (sub-images + global image, tokens interleaved with marker tokens) with a 0..1 box."""
+    rng = np.random.default_rng()
+    image = _fresh_image(root / "smol.png", rng)
+    w, h = image.size
+    x0, y0, x1, y1 = _random_box(rng, image)
+    box = [x0 / w, y0 / h, x1 / w, y1 / h]
+    m, recs, hm = _run_inspect(models("smolvlm"), root / "smol.png", root / "out_smol", box, "normalized")
+    assert m["box"]["convention"] == "normalized"
+    assert m["box"]["pixels"] == [pytest.approx([x0, y0, x1, y1])]
+    assert hm["views"][-1]["label"].startswith(("global image", "single frame"))
+    _check_against_reference("smolvlm", models("smolvlm"), image, m, recs, hm, box, "normalized")

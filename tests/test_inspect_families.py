@@ -244,3 +244,20 @@ def test_inspect_smolvlm_with_a_normalized_box(models, root):
     assert m["box"]["pixels"] == [pytest.approx([x0, y0, x1, y1])]
     assert hm["views"][-1]["label"].startswith(("global image", "single frame"))
     _check_against_reference("smolvlm", models("smolvlm"), image, m, recs, hm, box, "normalized")
+
+
+def test_cell_heatmap_grid_checks_its_inputs(tmp_path):
+    rng = np.random.default_rng()
+    image = Image.fromarray(rng.integers(1, 255, (40, 60, 3), dtype=np.uint8))
+    cells = [(0, 0, 30, 40), (30, 0, 60, 40), None]
+    att = {"layer 0": torch.rand(8) + 0.01}
+    pos = torch.tensor([2, 3, 4])
+    path = viz.cell_heatmap_grid(att, pos, cells, [("v", 0, 3)], image, path=tmp_path / "ok.png")
+    assert path.is_file()
+    with pytest.raises(ValueError, match="2 token positions but 3 cells"):
+        viz.cell_heatmap_grid(att, pos[:2], cells, [("v", 0, 3)], image, path=tmp_path / "a.png")
+    with pytest.raises(ValueError, match="views must be"):
+        viz.cell_heatmap_grid(att, pos, cells, [("v", 0, 4)], image, path=tmp_path / "b.png")
+    with pytest.raises(ValueError, match="at least one"):
+        viz.cell_heatmap_grid({}, pos, cells, [("v", 0, 3)], image, path=tmp_path / "c.png")
+    assert not any((tmp_path / f"{n}.png").exists() for n in "abc")

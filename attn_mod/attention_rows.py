@@ -16,6 +16,10 @@ Rows: "last" (default) = the last query row of every forward. In `generate()` th
 last prompt row and each decode step's row: exactly the rows whose outputs chose the generated
 tokens, one per generated token, in order. "all" records every row (O(Q * K) for a prefill: only
 for short inputs). An iterable of KV-slot positions records those slots' rows.
+
+Sliding-window layers (Gemma3) whose cache keeps only the last window of slots in decode steps: a row is
+still stored over every slot of the sequence, 0 on the dropped slots (outside every row's window), so rows
+of all layers share one slot index.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ class RowRecording:
 
     # called by the patched attention ----------------------------------------------------------
     def _tap(self, state, layer: int, q, k, cats, *, transform, scale, causal, row_enable, head_enable, block=None,
-             window=None) -> None:
+             window=None, offset: int = 0) -> None:
+        """offset: slots before this layer's first key (a sliding-window cache keeps only the last K slots, every
+        dropped one outside every row's window): rows are stored over all offset + K slots, 0 on the dropped ones."""
         if layer not in self._layer_set:
             return
         Q, K = q.shape[2], k.shape[2]
@@ -65,7 +71,8 @@ class RowRecording:
             idx = torch.arange(Q)
         else:
             pos = self._rows
-            idx = pos[(pos >= K - Q) & (pos < K)] - (K - Q)
+            first = K - Q + offset  # absolute slot of this call's first query row
+            idx = pos[(pos >= first) & (pos < K + offset)] - first
             if idx.numel() == 0:
                 return
         with torch.no_grad():
@@ -73,7 +80,9 @@ class RowRecording:
                                         row_enable=row_enable, head_enable=head_enable, block=block, window=window)
         if self.heads == "mean":
             p = p.mean(dim=1, keepdim=True)
-        self._runs[-1].setdefault(layer, []).append((idx + (K - Q), p.float().cpu()))
+        if offset:
+            p = torch.nn.functional.pad(p, (offset, 0))
+        self._runs[-1].setdefault(layer, []).append((idx + (K - Q) + offset, p.float().cpu()))
 
     # public -------------------------------------------------------------------------------------
     @property

@@ -4,7 +4,19 @@
         --preset avar --alpha 0.2 --beta 0.5 --out runs/inspect
 
 Writes into --out: answer.txt, metrics.json, tokens.jsonl, heatmap.png (answer-span mean, last layer),
-heatmap_layers.png (one panel per layer), tokens.png / tokens.html, layers.png, entropy.png.
+heatmap_layers.png (one panel per layer), heatmap.json (the numbers both heatmaps paint), tokens.png /
+tokens.html, layers.png, entropy.png.
+
+Heatmaps, per family (image 0 of the prompt; value of a visual token = its P' averaged over the answer
+rows and heads, i.e. `RowRecording.attention(layer, positions=answer rows)`):
+- Qwen2.5-VL / Qwen3-VL: the merged-token grid over the image (`viz.image_heatmap`).
+- Gemma3, LLaVA, InternVL, LLaVA-OneVision, Idefics3 / SmolVLM: each token's value painted on its cell in
+  original pixels (the adapter geometry's `cells`), one panel per view of the geometry (`views`: cells that
+  tile the image once, e.g. InternVL's tiles, then its thumbnail; `viz.cell_heatmap_grid`).
+- Mllama: refused (NotImplementedError): its vision tokens are cross-attention keys, whose per-key rows
+  `attention_rows` does not record.
+heatmap.json lists, per visual token of image 0: its KV slot, view, cell, TARGET flag and value (last
+layer and per layer); the PNGs paint exactly these values.
 
 Per generated token t the numbers come from the query row that produced it (the last prompt row for
 t = 0, then the row of token t-1): its attention while choosing token t, and the entropy of the
@@ -151,6 +163,66 @@ def _clean(x):
     return x
 
 
+# ---------------------------------------------------------------------------------------- heatmaps
+CROSS_ATTENTION_MODEL_TYPES = ("mllama",)  # vision tokens are cross-attention keys: refused (see below)
+
+
+def _cross_attention_refusal(family: str) -> str:
+    return (f"inspect cannot draw the {family} family: its vision tokens are the keys of its cross-attention "
+            "layers, whose per-key rows attn_mod.attention_rows does not record (the <|image|> placeholder is one "
+            "text token); use attn_mod.capture's rec.cross_mass for cross-layer masses")
+
+
+def image_tokens(geometry, input_ids: torch.Tensor, image_token_id: int, image, *, span=None):
+    """Visual tokens of image 0 of sample 0 -> (positions (n,) int64 KV slots, n cells (x0, y0, x1, y1) in
+    original pixels or None, views [(label, start, stop)]), in the geometry's token order.
+
+    Qwen-style grids (`span` = the image's `regions.VisualSpan`): the merged cells of `regions.token_cells`, one
+    view. Other families: the adapter geometry's `cells(image)` / `views(image)` (single-image layout); the
+    image's tokens are the first len(cells) `image_token_id` slots of the row (Idefics3's may be interleaved
+    with marker tokens), and the prompt must hold exactly one image.
+    """
+    from .regions import token_cells
+
+    if span is not None:
+        _, r, c = span.grid_thw
+        grid = token_cells(image, span.grid_thw, patch_size=geometry.patch_size, merge_size=geometry.merge_size)
+        cells = [tuple(float(v) for v in cell) for cell in grid.tolist()]
+        m = geometry.merge_size
+        return span.positions.cpu().long()[:len(cells)], cells, [(f"image, {r // m}x{c // m} merged tokens", 0,
+                                                                  len(cells))]
+    cells = list(geometry.cells(image))
+    views = list(geometry.views(image)) if hasattr(geometry, "views") else [("image", 0, len(cells))]
+    pos = torch.nonzero(input_ids[0] == int(image_token_id), as_tuple=False).flatten()
+    if pos.numel() != len(cells):
+        raise ValueError(f"the prompt has {pos.numel()} image placeholder tokens but the processor's geometry gives "
+                         f"{len(cells)} for this image; inspect takes one image and the model's own processor")
+    return pos, cells, views
+
+
+def heatmap_record(att_last: torch.Tensor, att_layers: dict, positions: torch.Tensor, cells, views, key_cats,
+                   image, *, layer: int, rows: str) -> dict:
+    """The numbers of heatmap.png / heatmap_layers.png as JSON: per visual token of image 0 its slot, view,
+    cell (original pixels, floats; None = no cell), TARGET flag, value at the last layer and per layer."""
+    from .categories import TARGET
+    from .regions import image_hw
+
+    view_of = {}
+    for v, (_, a, b) in enumerate(views):
+        view_of.update({n: v for n in range(a, b)})
+    last = att_last.float().cpu()[positions].tolist()
+    per_layer = torch.stack([a.float().cpu()[positions] for a in att_layers.values()], 1).tolist()
+    target = (key_cats.cpu()[positions].long() == TARGET).tolist()
+    tokens = [{"index": n, "position": int(p), "view": view_of.get(n), "target": bool(target[n]),
+               "cell": None if c is None else [float(x) for x in c], "value": last[n], "per_layer": per_layer[n]}
+              for n, (p, c) in enumerate(zip(positions.tolist(), cells))]
+    h, w = image_hw(image)
+    return {"value": "share of the answer rows' attention (mean over rows and heads) on each visual token",
+            "rows": rows, "layer": layer, "layers": list(att_layers), "image_hw": [h, w],
+            "views": [{"label": lab, "start": a, "stop": b, "value_sum": sum(last[a:b])} for lab, a, b in views],
+            "tokens": tokens}
+
+
 # -------------------------------------------------------------------------------------------- run
 def _generate(model, processor, handle, args, image, boxes):
     """Greedy generate with masses of all layers and per-key answer rows -> (inputs, output, rec, rows)."""
@@ -202,7 +274,8 @@ def run(args) -> int:
     t_start = time.perf_counter()
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    check_model_path(args.model)
+    if check_model_path(args.model) in CROSS_ATTENTION_MODEL_TYPES:  # before loading: refused whatever else
+        raise NotImplementedError(_cross_attention_refusal("mllama"))
     check_device(args.device)
     check_backend(args.backend, args.device)
     image = load_image(args.image)
@@ -224,9 +297,8 @@ def run(args) -> int:
     handle = patch(model, processor, intervention=intervention, backend=args.backend, system_text=args.system)
     try:
         geometry = handle.state.geometry()
-        if not hasattr(geometry, "merge_size"):
-            raise NotImplementedError(f"inspect draws Qwen-style merged token grids; the {handle.state.adapter.name} "
-                                      "family's visual tokens (crops / tiles) are not drawn yet")
+        if handle.state.cross_layers:
+            raise NotImplementedError(_cross_attention_refusal(handle.state.adapter.name))
         inputs, gen, rec, rows = _generate(model, processor, handle, args, image, boxes)
     finally:
         handle.remove()
@@ -237,6 +309,13 @@ def run(args) -> int:
     records, answer_rows, entropy = _token_records(rec, gen, tokenizer, S)
     n = len(records)
     answer = tokenizer.decode([r["token_id"] for r in records], skip_special_tokens=True)
+    qwen_grid = hasattr(geometry, "merge_size")
+    span = (next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
+                                                 inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
+                                                 mm_token_type_ids=inputs.get("mm_token_type_ids"))
+                 if s.sample == 0 and s.index_in_sample == 0) if qwen_grid else None)
+    positions, cells, views = image_tokens(geometry, inputs["input_ids"].cpu(), model.config.image_token_id, image,
+                                           span=span)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(records, out / "tokens.jsonl")
     (out / "answer.txt").write_text(answer + "\n", encoding="utf-8")
@@ -250,23 +329,36 @@ def run(args) -> int:
     key_cats = rec.categories[0].cpu()
     n_target = int((key_cats[:S] == TARGET).sum())
     n_system = int((key_cats[:S] == SYSTEM).sum())
-    span = next(s for s in locate_visual_tokens(inputs["input_ids"].cpu(), model.config.image_token_id,
-                                                inputs["image_grid_thw"].cpu(), merge_size=geometry.merge_size,
-                                                mm_token_type_ids=inputs.get("mm_token_type_ids"))
-                if s.sample == 0 and s.index_in_sample == 0)
 
     # Pictures.
     answer_pos = list(range(S - 1, S - 1 + n))
     short = answer if len(answer) <= 40 else answer[:37] + "..."
     rows_text = f"answer rows of {n} generated tokens"
-    draw = dict(merge_size=geometry.merge_size, patch_size=geometry.patch_size, boxes=boxes,
-                box_convention=args.box_convention)
-    viz.image_heatmap(rows.attention(-1, positions=answer_pos)[0], span, image, path=out / "heatmap.png",
-                      query=f"{rows_text} {short!r}, mean over rows and heads", layer=f"layer {L - 1} (last)",
-                      categories=key_cats, **draw)
-    viz.image_heatmap_grid({f"layer {layer}": rows.attention(layer, positions=answer_pos)[0] for layer in range(L)},
-                           span, image, path=out / "heatmap_layers.png", title=f"{rows_text}, mean over rows and heads",
-                           **draw)
+    att_last = rows.attention(-1, positions=answer_pos)[0]
+    att_layers = {f"layer {layer}": rows.attention(layer, positions=answer_pos)[0] for layer in range(L)}
+    query = f"{rows_text} {short!r}, mean over rows and heads"
+    if qwen_grid:
+        draw = dict(merge_size=geometry.merge_size, patch_size=geometry.patch_size, boxes=boxes,
+                    box_convention=args.box_convention)
+        viz.image_heatmap(att_last, span, image, path=out / "heatmap.png", query=query,
+                          layer=f"layer {L - 1} (last)", categories=key_cats, **draw)
+        viz.image_heatmap_grid(att_layers, span, image, path=out / "heatmap_layers.png",
+                               title=f"{rows_text}, mean over rows and heads", **draw)
+    else:
+        draw = dict(boxes=boxes, box_convention=args.box_convention)
+        no_cell = [i for i, c in enumerate(cells) if c is None]
+        left = (f"; {len(no_cell)} tokens without a cell (not drawn) hold "
+                f"{float(att_last[positions[no_cell]].sum()):.3f}" if no_cell else "")
+        what = (f"{len(cells)} visual tokens, one panel per view; {viz.CELL_PIXEL_VALUE}; dashed: TARGET cells, "
+                f"cyan: --box{left}")
+        viz.cell_heatmap_grid({f"layer {L - 1} (last)": att_last}, positions, cells, views, image,
+                              path=out / "heatmap.png", title=f"{query}. {what}", categories=key_cats,
+                              panel=5.5 if len(views) == 1 else 3.6, **draw)
+        viz.cell_heatmap_grid(att_layers, positions, cells, views, image, path=out / "heatmap_layers.png",
+                              title=f"{rows_text}, mean over rows and heads. {what}", panel=2.6, **draw)
+    heatmap = heatmap_record(att_last, att_layers, positions, cells, views, key_cats, image, layer=L - 1,
+                             rows=rows_text)
+    (out / "heatmap.json").write_text(json.dumps(heatmap) + "\n", encoding="utf-8")
     color_key, color_label = (("a", "target attention a (mean P' per target token, last layer)") if n_target else
                               ("mass_image", "image attention (P' on all visual tokens, last layer)"))
     title = f"{Path(args.model).name}, {intervention.describe()}: {args.question}"
@@ -293,7 +385,9 @@ def run(args) -> int:
                          "backend": resolve_backend(args.backend, model.device), "device": str(model.device),
                          "dtype": str(model.dtype).removeprefix("torch.")},
         "box": {"given": boxes, "convention": args.box_convention, "pixels": [list(b) for b in boxes_px],
-                "target_tokens": n_target, "image_tokens": int(span.positions.numel())},
+                "target_tokens": n_target, "image_tokens": int(positions.numel())},
+        "heatmap": {"file": "heatmap.json", "layer": L - 1, "drawn": "qwen_grid" if qwen_grid else "cells",
+                    "views": heatmap["views"], "value": viz.HEATMAP_VALUE},
         "tokens": {"prompt": S, "generated": n, "system": n_system},
         "answer_rows": "the query rows that produced each generated token (last prompt row, then the rows of "
                        "generated tokens 0..n-2); token metrics at the last layer",
@@ -319,4 +413,5 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "build_intervention", "load_image", "run", "token_pieces"]
+__all__ = ["add_arguments", "build_intervention", "heatmap_record", "image_tokens", "load_image", "run",
+           "token_pieces"]

@@ -229,14 +229,12 @@ class PatchState:
                 if rec._wants(layer):
                     rec._record(layer, res.mass, window)
         if self.taps and not recomputing:
-            if offset:
-                raise NotImplementedError(f"per-key attention rows (record_rows) of sliding-window layer {layer} "
-                                          "once its cache holds only the last window of slots (decode past the "
-                                          "window) are not supported; record prefill rows, or full-attention layers")
+            extra = {} if blocks is None and window is None else dict(block=blocks if causal else None, window=window)
+            if offset:  # the layer's keys are slots offset.. of the sequence (a sliding cache dropped the rest)
+                extra["offset"] = offset
             for tap in self.taps:
                 tap(layer, q, k, cats, transform=transform, scale=scaling, causal=causal, row_enable=row_enable,
-                    head_enable=head_enable, **({} if blocks is None and window is None else
-                                                dict(block=blocks if causal else None, window=window)))
+                    head_enable=head_enable, **extra)
         return res.out
 
     def attend_cross(self, layer: int, q, k, v, scaling) -> torch.Tensor:

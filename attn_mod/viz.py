@@ -2,7 +2,10 @@
 with matplotlib's Agg canvas directly (no pyplot, no global backend switch), so they work headless.
 
 - `image_heatmap` / `image_heatmap_grid`: per-visual-token attention of chosen query rows over the image
-  (values from `attn_mod.attention_rows`), on the merged-token grid, drawn over the image.
+  (values from `attn_mod.attention_rows`), on the merged-token grid, drawn over the image (Qwen-VL).
+- `cell_heatmap_grid` / `cell_raster`: the same for any family whose adapter geometry gives each visual
+  token's cell in original pixels (`cells`) and the views that tile the image once (`views`: e.g.
+  InternVL's tiles, then its thumbnail): one panel per view, each token's value on its cell.
 - `token_text_figure`: generated tokens with backgrounds coloured by a per-token score (SAYO Fig. 5);
   PNG or self-contained HTML, by the suffix of `path`.
 - `layer_curves`: per-layer VAS and per-category attention mass (from `capture` masses).
@@ -190,6 +193,123 @@ def _target_cells(categories, span, merge_size, frame, shape):
     t = token_grid(span.grid_thw, merge_size)[0]
     cells = cells.reshape(t, *shape)[frame].numpy()
     return cells if cells.any() else None
+
+
+# ------------------------------------------------------------------- per-token cells (any family)
+CELL_PIXEL_VALUE = ("pixel colour = sum of the values of the view's visual tokens whose cell (original "
+                    "pixels) contains the pixel centre")
+
+
+def cell_raster(values, cells: Sequence, image_size, *, max_side: int = 512) -> np.ndarray:
+    """(rh, rw) float64 picture of per-token values over the original image: pixel (i, j), whose centre is at
+    original pixel ((j + 0.5) W / rw, (i + 0.5) H / rh), holds the sum of `values[n]` over the tokens n whose
+    cell (x0, y0, x1, y1) (original pixels, half-open) contains that centre; NaN where no cell does.
+
+    values: (n,) one number per token; cells: n cells (None = a token with no cell, skipped; a cell may reach
+    beyond the image, only its part inside is painted). (rh, rw) = (H, W) scaled so the long side is at most
+    `max_side`. Within one view of a family geometry (`views()`: cells that tile the image once) each
+    pixel lies in exactly one cell, so the picture shows each token's value on its cell.
+    """
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
+    if vals.size != len(cells):
+        raise ValueError(f"{vals.size} values but {len(cells)} cells")
+    h, w = image_hw(image_size)
+    scale = min(1.0, max_side / max(h, w))
+    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+    xs = (np.arange(rw) + 0.5) * (w / rw)  # pixel centres in original pixels
+    ys = (np.arange(rh) + 0.5) * (h / rh)
+    out = np.zeros((rh, rw))
+    hit = np.zeros((rh, rw), dtype=bool)
+    for v, cell in zip(vals, cells):
+        if cell is None:
+            continue
+        x0, y0, x1, y1 = (float(c) for c in cell)
+        c0, c1 = np.searchsorted(xs, x0, "left"), np.searchsorted(xs, x1, "left")  # x0 <= x < x1
+        r0, r1 = np.searchsorted(ys, y0, "left"), np.searchsorted(ys, y1, "left")
+        out[r0:r1, c0:c1] += v
+        hit[r0:r1, c0:c1] = True
+    out[~hit] = np.nan
+    return out
+
+
+def cell_heatmap_grid(attentions: Mapping[str, torch.Tensor], positions: torch.Tensor, cells: Sequence,
+                      views: Sequence[tuple[str, int, int]], image, *, path, title: str = "",
+                      boxes: Sequence | None = None, box_convention: str = "pixel",
+                      categories: torch.Tensor | None = None, cmap: str = "inferno", alpha: float = 0.6,
+                      panel: float = 3.2, dpi: int = 100, max_side: int = 512) -> Path:
+    """Per-visual-token attention over the original image for any family: per entry of `attentions` (e.g. one
+    per layer) one panel per view of the image's tokens, side by side; entries fill rows of
+    ceil(sqrt(entries) / views) entries each, in order; one colour scale.
+
+    attentions: {row label: (K,) per-KV-slot attention of one sample (`RowRecording.attention(...)[b]`)};
+    positions: (n,) KV slots of the image's visual tokens in the geometry's token order; cells: their n
+    original-pixel cells (the adapter geometry's `cells(image_size)`, None = no cell); views: [(label, start,
+    stop)] token ranges (the geometry's `views(image_size)`, e.g. InternVL tiles / thumbnail), each painted
+    with `cell_raster` on its own panel. boxes: drawn cyan (original pixels in `box_convention`).
+    categories: (K,) slot categories; the cells of TARGET tokens are outlined dashed. Width in inches
+    ncols * panel + 1.3 (ncols = entries per row * views), panel image height panel * 0.92 * H / W (clipped to
+    [0.4, 1.6]).
+    """
+    if not attentions:
+        raise ValueError("cell_heatmap_grid needs at least one row of panels")
+    pos = torch.as_tensor(positions, dtype=torch.long).cpu()
+    if pos.numel() != len(cells):
+        raise ValueError(f"{pos.numel()} token positions but {len(cells)} cells")
+    if not views or any(not 0 <= a < b <= len(cells) for _, a, b in views):
+        raise ValueError(f"views must be (label, start, stop) ranges within the {len(cells)} tokens, got {views}")
+    values = {k: a.detach().float().cpu()[pos].double().numpy() for k, a in attentions.items()}
+    target = (None if categories is None else
+              (categories.detach().cpu()[pos].long() == TARGET).numpy())
+    rasters = {(k, i): cell_raster(v[a:b], cells[a:b], image, max_side=max_side)
+               for k, v in values.items() for i, (_, a, b) in enumerate(views)}
+    h, w = image_hw(image)
+    per_row = max(1, math.ceil(math.sqrt(len(values)) / len(views)))  # entries side by side (each: all views)
+    nrows, ncols = math.ceil(len(values) / per_row), per_row * len(views)
+    img_w = 0.92 * panel
+    img_h = img_w * min(max(h / w, 0.4), 1.6)
+    cell_h = img_h + 0.45
+    W = ncols * panel + 1.3
+    title = textwrap.fill(title, int(W * 12))
+    top_in = 0.3 + 0.16 * (title.count("\n") + 1 if title else 0)
+    H = top_in + nrows * cell_h + 0.15
+    fig = _new_figure(W, H, dpi)
+    vmax = max([float(np.nanmax(r)) for r in rasters.values() if np.isfinite(r).any()] + [1e-12])
+    norm = Normalize(0.0, max(vmax, 1e-12))
+    arr = np.asarray(image.convert("RGB"))
+    im = None
+    for e, (label, vals) in enumerate(values.items()):
+        r, first = divmod(e, per_row)
+        for v, (view, a, b) in enumerate(views):
+            c = first * len(views) + v
+            x0 = 0.15 + c * panel + 0.04 * panel
+            y0 = H - top_in - (r + 1) * cell_h + 0.05
+            ax = fig.add_axes((x0 / W, y0 / H, img_w / W, img_h / H))
+            ax.imshow(arr, extent=(0, w, h, 0), interpolation="bilinear")
+            im = ax.imshow(rasters[(label, v)], extent=(0, w, h, 0), cmap=cmap, norm=norm, alpha=alpha,
+                           interpolation="nearest")
+            if target is not None:
+                for n in range(a, b):
+                    if target[n] and cells[n] is not None:
+                        cx0, cy0, cx1, cy1 = (float(v) for v in cells[n])
+                        for ec, lw, ls in (("black", 2.2, "-"), ("white", 1.3, (0, (3, 2)))):
+                            ax.add_patch(Rectangle((cx0, cy0), cx1 - cx0, cy1 - cy0, fill=False, ec=ec, lw=lw,
+                                                   ls=ls))
+            for box in boxes or ():
+                bx0, by0, bx1, by1 = box_to_pixels(box, image, box_convention)
+                ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, ec="cyan", lw=2))
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            head = f"{label}: " if label else ""
+            ax.set_title(textwrap.fill(f"{head}{view} (sum {float(vals[a:b].sum()):.3f})", int(panel * 14)),
+                         fontsize=7)
+    cax = fig.add_axes(((W - 1.15) / W, 0.25 / H, 0.16 / W, (H - top_in - 0.35) / H))
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(textwrap.fill(HEATMAP_VALUE, 28), fontsize=7)
+    cb.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=8, y=1 - 0.08 / H, va="top")
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------- text
@@ -451,5 +571,6 @@ def entropy_bins(entropy, values: Mapping[str, torch.Tensor] | torch.Tensor, *, 
     return _save(fig, path)
 
 
-__all__ = ["HEATMAP_VALUE", "entropy_bin_means", "entropy_bins", "image_heatmap", "image_heatmap_grid",
-           "layer_curves", "layer_profile", "token_text_figure", "visual_token_grid"]
+__all__ = ["CELL_PIXEL_VALUE", "HEATMAP_VALUE", "cell_heatmap_grid", "cell_raster", "entropy_bin_means",
+           "entropy_bins", "image_heatmap", "image_heatmap_grid", "layer_curves", "layer_profile", "token_text_figure",
+           "visual_token_grid"]

@@ -426,9 +426,34 @@ def test_record_rows_sum_to_masses_with_blocks_and_window(tiny):
         last = cats.shape[1] - 1
         assert rows.rows(0)[0, :, last, : last - window + 1].abs().max() == 0  # outside the window
         assert rows.rows(1)[0, :, last, : last - window + 1].sum() > 0  # the global layer sees them
-    with attn_mod.patch(model, proc, backend="torch"), record_rows(model, layers=[0], rows="last"):
-        with pytest.raises(NotImplementedError, match="sliding-window layer"):
-            model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+def test_record_rows_decode_past_the_window_equal_eager_attention(tiny):
+    """Decode steps past the sliding window (the cache holds only the last window of slots on sliding layers): the
+    recorded rows span every slot, 0 on the dropped ones, and equal the eager model's own attention probabilities
+    of the same tokens (teacher forced) on sliding and global layers."""
+    from attn_mod.attention_rows import record_rows
+
+    model, eager, proc = tiny
+    batch = gemma3_inputs(proc, QUESTIONS[:1], SIZES[:1], seed=int(torch.randint(0, 10**6, ())))
+    S = batch["input_ids"].shape[1]
+    window = model.config.text_config.sliding_window
+    with attn_mod.patch(model, proc, backend="torch"), torch.no_grad(), \
+            record_rows(model, layers="all", rows="last") as rows:
+        seq = model.generate(**batch, max_new_tokens=4, do_sample=False).cpu()
+    n = seq.shape[1] - S
+    assert n >= 2 and S > window
+    full = dict(batch, input_ids=seq[:, :-1],
+                attention_mask=torch.ones(1, seq.shape[1] - 1, dtype=batch["attention_mask"].dtype),
+                token_type_ids=torch.cat([batch["token_type_ids"], torch.zeros(1, n - 1, dtype=torch.long)], 1))
+    with torch.no_grad():
+        ref = eager(**full, output_attentions=True).attentions  # per layer (1, H, Q, K)
+    assert torch.equal(rows.positions(), torch.arange(S - 1, S - 1 + n))
+    for layer, probs in enumerate(ref):
+        got = rows.rows(layer)[0, 0]  # (n, K): mean over heads
+        torch.testing.assert_close(got, probs[0].mean(0)[S - 1:], atol=1e-5, rtol=1e-4, msg=f"layer {layer}")
+        if model.config.text_config.layer_types[layer] == "sliding_attention":
+            assert got[-1, : S + n - 1 - window].abs().max() == 0  # outside the window
 
 
 def test_save_and_load_tiny_round_trip(tmp_path):

@@ -143,6 +143,11 @@ class Gemma3Geometry:
         return [(Fraction(c * w, t), Fraction(r * h, t), Fraction((c + 1) * w, t), Fraction((r + 1) * h, t))
                 for r in range(t) for c in range(t)]
 
+    def views(self, image_size) -> list[tuple[str, int, int]]:
+        """[(label, start, stop)]: token ranges of `cells` whose cells tile the image once (one view here)."""
+        t = self.tokens_per_side
+        return [(f"image, {t}x{t} tokens", 0, t * t)]
+
 
 class Gemma3Adapter(FamilyAdapter):
     name = "gemma3"

@@ -175,6 +175,17 @@ class SplitGeometry:
         frame(0, 0, Fraction(w, self.tile), Fraction(h, self.tile))  # the global image (or the only frame)
         return out
 
+    def views(self, image_size) -> list[tuple[str, int, int]]:
+        """[(label, start, stop)]: token ranges of `cells` whose cells tile the image once: the sub-images
+        together, then the global image (or the single frame)."""
+        h, w = image_hw(image_size)
+        rows, cols = self.grid(h, w)
+        per = (self.tile // self.cell) ** 2
+        if not rows:
+            return [(f"single frame, {per} tokens", 0, per)]
+        return [(f"{rows}x{cols} sub-images, {per} tokens each", 0, rows * cols * per),
+                (f"global image, {per} tokens", rows * cols * per, (rows * cols + 1) * per)]
+
 
 def _resize_fns(ip):
     mod = sys.modules.get(type(ip).__module__)

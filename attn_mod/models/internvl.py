@@ -61,6 +61,17 @@ class TileGeometry:
             tile_cells(0, 0, Fraction(w, self.tile), Fraction(h, self.tile))
         return out
 
+    def views(self, image_size) -> list[tuple[str, int, int]]:
+        """[(label, start, stop)]: token ranges of `cells` whose cells tile the image once: the tiles together,
+        then the thumbnail (when there is more than one tile)."""
+        h, w = image_hw(image_size)
+        cols, rows = self.grid(h, w)
+        per = (self.tile // self.cell) ** 2
+        if cols * rows == 1:
+            return [(f"single tile, {per} tokens", 0, per)]
+        return [(f"{rows}x{cols} tiles, {per} tokens each", 0, rows * cols * per),
+                (f"thumbnail, {per} tokens", rows * cols * per, (rows * cols + 1) * per)]
+
 
 class InternVLAdapter(ChatMLAdapter):
     name = "internvl"

@@ -158,6 +158,12 @@ class CropGeometry:
                 cells.append((x0, y0, x1, y1))  # may reach into the padding (select_cells handles it)
         return cells
 
+    def views(self, image_size) -> list[tuple[str, int, int]]:
+        """[(label, start, stop)]: token ranges of `cells` whose cells tile the image once (one view: the crop)."""
+        ch, cw = self.crop_hw
+        n = (ch // self.patch) * (cw // self.patch) + int(self.cls_token)
+        return [(f"centre crop, {ch // self.patch}x{cw // self.patch} tokens", 0, n)]
+
 
 class LlavaAdapter(FamilyAdapter):
     name = "llava"

@@ -192,6 +192,17 @@ class AnyresGeometry:
             out.append(None)  # image_newline after every row
         return out
 
+    def views(self, image_size, *, multi_image: bool = False) -> list[tuple[str, int, int]]:
+        """[(label, start, stop)]: token ranges of `cells` whose cells tile the image once: the base image, then
+        the anyres grid with its newline tokens (single-image layout); one view in the multi-image layout."""
+        base = self.side ** 2
+        if multi_image:
+            return [(f"image (padded square), {base} tokens + newline", 0, base + 1)]
+        h, w = image_hw(image_size)
+        oh, ow = self.feature_rows_cols(h, w)[4:]
+        return [(f"base image, {base} tokens", 0, base),
+                (f"anyres grid, {oh}x{ow} tokens + {oh} newlines", base, base + oh * (ow + 1))]
+
 
 class LlavaOnevisionAdapter(FamilyAdapter):
     name = "llava_onevision"

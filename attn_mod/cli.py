@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"attn-mod {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NotImplementedError as e:  # a refused setup (its message names the reason and the way out)
+        print(f"attn-mod {args.command}: not supported: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:  # one line, not a traceback; a sweep says what is saved
         print(f"attn-mod {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -202,13 +202,17 @@ def test_cell_raster_paints_each_cells_value():
         viz.cell_raster(values[:3], cells, (h, w))
 
 
-def test_inspect_refuses_mllama_with_the_reason(models, root, tmp_path):
+def test_inspect_refuses_mllama_with_the_reason(models, root, tmp_path, capsys):
+    """One line on stderr naming the reason (no traceback), exit status 2, nothing written."""
+    import re
+
     rng = np.random.default_rng()
     _fresh_image(tmp_path / "img.png", rng)
-    with pytest.raises(NotImplementedError, match="cross-attention layers.*attention_rows"):
-        main(["inspect", str(models("mllama")), "--image", str(tmp_path / "img.png"), "--question", QUESTION,
-              "--max-new-tokens", "1", "--out", str(tmp_path / "o")])
-    assert not (tmp_path / "o").exists()
+    assert main(["inspect", str(models("mllama")), "--image", str(tmp_path / "img.png"), "--question", QUESTION,
+                 "--max-new-tokens", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"attn-mod inspect: not supported: .*cross-attention layers.*attention_rows", err)
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_image_tokens_refuses_placeholders_that_do_not_match_the_geometry():

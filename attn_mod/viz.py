@@ -178,11 +178,17 @@ def image_heatmap_grid(attentions: Mapping[str, torch.Tensor], span: VisualSpan,
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"{label} (image {float(grid.sum()):.2f})", fontsize=8)
+    return _finish_panels(fig, im, path, W=W, H=H, top_in=top_in, title=title, fontsize=9, title_in=0.1)
+
+
+def _finish_panels(fig, im, path, *, W: float, H: float, top_in: float, title: str, fontsize: int,
+                   title_in: float) -> Path:
+    """The shared colour bar at the right (inches: 1.15 from the right edge) and the title; saves the figure."""
     cax = fig.add_axes(((W - 1.15) / W, 0.25 / H, 0.16 / W, (H - top_in - 0.35) / H))
     cb = fig.colorbar(im, cax=cax)
     cb.set_label(textwrap.fill(HEATMAP_VALUE, 28), fontsize=7)
     cb.ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=9, y=1 - 0.1 / H, va="top")
+    fig.suptitle(title, fontsize=fontsize, y=1 - title_in / H, va="top")
     return _save(fig, path)
 
 
@@ -304,12 +310,7 @@ def cell_heatmap_grid(attentions: Mapping[str, torch.Tensor], positions: torch.T
             head = f"{label}: " if label else ""
             ax.set_title(textwrap.fill(f"{head}{view} (sum {float(vals[a:b].sum()):.3f})", int(panel * 14)),
                          fontsize=7)
-    cax = fig.add_axes(((W - 1.15) / W, 0.25 / H, 0.16 / W, (H - top_in - 0.35) / H))
-    cb = fig.colorbar(im, cax=cax)
-    cb.set_label(textwrap.fill(HEATMAP_VALUE, 28), fontsize=7)
-    cb.ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=8, y=1 - 0.08 / H, va="top")
-    return _save(fig, path)
+    return _finish_panels(fig, im, path, W=W, H=H, top_in=top_in, title=title, fontsize=8, title_in=0.08)
 
 
 # ------------------------------------------------------------------------------------------- text

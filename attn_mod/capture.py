@@ -62,12 +62,12 @@ class Recording:
         if new_run or not self._runs:
             self._runs.append({})
             self._cats.append(state.labels)
-            self._blocks.append(getattr(state, "blocks", None))
+            self._blocks.append(state.blocks)
             self._cross_runs.append({})
             self._cross_cats.append(None if cross is None else cross.key_cats)
         else:
             self._cats[-1] = state.labels
-            self._blocks[-1] = getattr(state, "blocks", None)
+            self._blocks[-1] = state.blocks
 
     def _wants(self, layer: int) -> bool:
         return layer in self._layer_set

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 __all__ = ["BadLine", "JsonlScan", "append_jsonl", "as_row", "quarantine_path", "read_jsonl", "scan_jsonl",
-           "write_jsonl_atomic"]
+           "write_jsonl_atomic", "write_text_atomic"]
 
 QUARANTINE_SUFFIX = ".quarantine.jsonl"
 
@@ -236,6 +236,13 @@ def _strict(x):
     if isinstance(x, (list, tuple)):
         return [_strict(v) for v in x]
     return x
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` by `text` (temp file, fsync, rename): a kill mid-write leaves the old file whole."""
+    path = Path(path)
+    with _locked(path):
+        _rewrite(path, [text.encode()])
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict], *, sort_keys: bool = False, default=None) -> None:

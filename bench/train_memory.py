@@ -196,6 +196,8 @@ def main() -> None:
             EagerSFT = _eager_recipe()
         print(json.dumps(child(args.child, args.seqs[0], args.layers, **opts)))
         return
+    from attn_mod.jsonl import write_text_atomic
+
     rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +216,7 @@ def main() -> None:
             if proc.returncode:
                 raise SystemExit(f"{mode} at {seq} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            out.write_text(json.dumps(rows, indent=2))  # after every child: a crash keeps the rows so far
+            write_text_atomic(out, json.dumps(rows, indent=2))  # after every child: a crash keeps the rows so far
             print(f"done: {mode} {seq}: {rows[-1]}", file=sys.stderr)
     lines = table(rows, args.layers)
     print("\n".join(lines))

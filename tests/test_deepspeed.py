@@ -205,6 +205,7 @@ def _fake_deepspeed(monkeypatch, ds_config: dict):
     class FakeAccelerator:
         def __init__(self, **kw):
             self.distributed_type = accelerate.DistributedType.DEEPSPEED
+            self.num_processes = 2
             self.state = types.SimpleNamespace(deepspeed_plugin=plugin)
 
     monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
@@ -231,10 +232,9 @@ def test_deepspeed_config_takes_batch_accumulation_and_clipping_from_the_trainin
     from attn_mod.trainers.sft import SFTRecipe
 
     plugin = _fake_deepspeed(monkeypatch, {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1})
-    monkeypatch.setenv("WORLD_SIZE", "4")
     recipe = SFTRecipe(_sft_cfg(tmp_path, "schedule.batch_size=3", "schedule.gradient_accumulation_steps=5",
                                 "optim.max_grad_norm=0.7"))
-    recipe._deepspeed_config(plugin)
+    recipe._deepspeed_config(plugin, 4)  # 4 processes
     ds = plugin.deepspeed_config
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"],
             ds["gradient_clipping"]) == (3, 5, 60, 0.7)

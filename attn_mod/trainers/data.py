@@ -57,10 +57,6 @@ class Encoded:
     truncated: bool = False
 
     @property
-    def mm_token_type_ids(self) -> torch.Tensor | None:
-        return self.token_inputs.get("mm_token_type_ids")
-
-    @property
     def length(self) -> int:
         return int(self.input_ids.numel())
 

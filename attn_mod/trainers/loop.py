@@ -81,17 +81,6 @@ def _deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def _is_deepspeed(acc) -> bool:
-    return str(acc.distributed_type).rsplit(".", 1)[-1] == "DEEPSPEED"
-
-
-def plugin_world_size() -> int:
-    """Number of processes of this launch (torch.distributed when initialised, else WORLD_SIZE)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss / gradient); the message names step and component."""
 
@@ -157,7 +146,10 @@ class Recipe:
             self._set_fsdp_groups()
         self.module, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.sharded = bool(self.accelerator.is_fsdp2)  # FSDP2: DTensor parameters, sharded checkpoints
-        self.engine = self.module if _is_deepspeed(self.accelerator) else None  # DeepSpeed runs backward and step
+        from accelerate.utils import DistributedType
+
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.engine = self.module if deepspeed else None  # the DeepSpeedEngine runs backward and the optimizer step
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep,
                                          rank=self.accelerator.process_index,
                                          barrier=self.accelerator.wait_for_everyone, sharded=self.sharded,
@@ -190,7 +182,7 @@ class Recipe:
         _fsdp_on_cpu(acc)
         kind = str(acc.distributed_type).rsplit(".", 1)[-1]
         if kind == "DEEPSPEED":
-            self._deepspeed_config(acc.state.deepspeed_plugin)
+            self._deepspeed_config(acc.state.deepspeed_plugin, acc.num_processes)
         if kind in ("MEGATRON_LM", "XLA"):
             raise NotImplementedError(
                 f"attn-mod train runs single-process, DDP or FSDP2; {kind} is not supported: its checkpoints are "
@@ -220,7 +212,7 @@ class Recipe:
         set_seed(self.cfg.schedule.seed, device_specific=True)
         return acc
 
-    def _deepspeed_config(self, plugin) -> None:
+    def _deepspeed_config(self, plugin, num_processes: int) -> None:
         """Check the DeepSpeed plugin's ZeRO settings and fill in what this training config decides: micro batch
         (schedule.batch_size), gradient accumulation (schedule.gradient_accumulation_steps; DeepSpeed's
         accumulation boundaries must be ours), clipping (optim.max_grad_norm) and the global batch."""
@@ -249,7 +241,7 @@ class Recipe:
         s = self.cfg.schedule
         ds["train_micro_batch_size_per_gpu"] = s.batch_size
         ds["gradient_accumulation_steps"] = s.gradient_accumulation_steps
-        ds["train_batch_size"] = s.batch_size * s.gradient_accumulation_steps * plugin_world_size()
+        ds["train_batch_size"] = s.batch_size * s.gradient_accumulation_steps * num_processes
         ds["gradient_clipping"] = float(self.cfg.optim.max_grad_norm or 0.0)
         ds.setdefault("steps_per_print", 10**9)  # no DeepSpeed progress prints (ours is the progress bar)
         plugin.gradient_accumulation_steps = s.gradient_accumulation_steps
@@ -506,18 +498,15 @@ class Recipe:
             parts = []
             for micro in range(accum):
                 batch = self.micro_batch(step, micro)
-                if self.engine is not None:  # DeepSpeed: reduce + clip + step at its accumulation boundary
+                last = micro == accum - 1 or self.engine is not None  # DeepSpeed decides its own reduction
+                with nullcontext() if last else acc.no_sync(self.module):
                     out = self.train_step(batch)
                     self._check_finite(step, micro, batch, out)
-                    self.engine.backward(out.loss / accum, scale_wrt_gas=False)
-                    self.engine.step()
-                    parts.append(out.metrics)
-                    continue
-                sync = nullcontext() if micro == accum - 1 else acc.no_sync(self.module)
-                with sync:
-                    out = self.train_step(batch)
-                    self._check_finite(step, micro, batch, out)
-                    acc.backward(out.loss / accum)
+                    if self.engine is not None:  # reduce + clip + optimizer step at DeepSpeed's accumulation boundary
+                        self.engine.backward(out.loss / accum, scale_wrt_gas=False)
+                        self.engine.step()
+                    else:
+                        acc.backward(out.loss / accum)
                 parts.append(out.metrics)
             if self.engine is None:
                 if self.cfg.optim.max_grad_norm is not None:
